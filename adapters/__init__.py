@@ -1,0 +1,1 @@
+"""Faces of the engine for outside worlds (LangChain, Discord). They import `chatbot`, never the reverse."""

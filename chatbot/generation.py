@@ -1,0 +1,312 @@
+"""The `Generator` contract and the local transformers implementation.
+
+Models load through one function, `load_model`, whatever the source: the shipped model,
+a local checkpoint directory, or a hub name that is already in the local cache.
+torch and transformers are imported inside functions so that importing the package
+stays cheap (`python bot.py --help` does not load torch).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ChatbotError, ModelNotFoundError
+from .prompting import cut_at_stop, format_name_for_model, make_format
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+log = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_MODEL = PACKAGE_DIR / "models" / "chitchat-gpt2"
+
+FinishReason = Literal["stop", "length", "time"]
+
+
+class DecodingSettings(BaseModel):
+    """How a reply is sampled. Every field is validated; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
+
+    max_new_tokens: int = Field(40, ge=1, le=2048)
+    """Upper bound on the reply length in tokens."""
+    temperature: float = Field(0.8, ge=0.0, le=10.0)
+    """Sampling temperature; 0 means greedy decoding."""
+    top_k: int = Field(50, ge=0)
+    """Sample only among the k most likely tokens; 0 turns the filter off."""
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    """Nucleus sampling: smallest token set whose probability reaches top_p; 1 turns it off."""
+    repetition_penalty: float = Field(1.1, gt=0.0, le=10.0)
+    """Divide the logits of already-seen tokens by this (1 turns it off)."""
+    no_repeat_ngram_size: int = Field(3, ge=0, le=16)
+    """Never repeat an n-gram of this size within prompt and reply; 0 turns it off."""
+    max_time: float = Field(20.0, gt=0.0, le=600.0)
+    """Seconds one generate call may take before it is stopped."""
+    seed: int | None = Field(None, ge=0)
+    """Seed for sampling; None samples differently every time."""
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def settings_error_message(err: ValidationError) -> str:
+    """One line per problem, each naming the setting and the bad value."""
+    parts = []
+    for e in err.errors():
+        name = ".".join(str(p) for p in e["loc"]) or "settings"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"`{name}` is not a known setting")
+        else:
+            msg = e["msg"].replace("Input should be", "must be").replace("Value error, ", "")
+            parts.append(f"`{name}` {msg}, got {e.get('input')!r}")
+    return "; ".join(parts)
+
+
+def make_decoding_settings(**values: Any) -> DecodingSettings:
+    """Build `DecodingSettings`, turning validation errors into a `ChatbotError`."""
+    try:
+        return DecodingSettings(**values)
+    except ValidationError as err:
+        raise ChatbotError(settings_error_message(err)) from None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    settings: DecodingSettings = field(default_factory=DecodingSettings)
+    stop_strings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    """The reply without the prompt, cut at the first stop string."""
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason
+    seconds: float
+
+
+def pick_device(device: str = "auto") -> str:
+    """CUDA, then Apple MPS, then CPU, unless a device is named."""
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _dtype_for(device: str) -> "torch.dtype":
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def resolve_model(name_or_path: str | os.PathLike[str] | None) -> str:
+    """The default model when none is given; a path as a string otherwise."""
+    if name_or_path is None or str(name_or_path) == "":
+        return str(DEFAULT_MODEL)
+    return str(name_or_path)
+
+
+def _not_found(name: str, why: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"cannot load model {name!r} ({why}); point --model at a local directory that holds a "
+        f"Hugging Face model (config.json, weights, tokenizer), e.g. {DEFAULT_MODEL}"
+    )
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str] | None = None,
+    *,
+    device: str = "auto",
+    allow_download: bool = False,
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` the same way for a directory or a hub name.
+
+    Hub names are looked up in the local cache only unless ``allow_download`` is set,
+    so an air-gapped machine gets an immediate, readable error instead of a network
+    time-out.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = resolve_model(name_or_path)
+    path = Path(name).expanduser()
+    looks_like_path = path.is_absolute() or name.startswith((".", "~")) or path.exists()
+    if looks_like_path:
+        if not path.is_dir():
+            raise _not_found(name, "no such directory")
+        if not (path / "config.json").is_file():
+            raise _not_found(name, "the directory has no config.json")
+        source = str(path)
+    else:
+        source = name
+    if not re.fullmatch(r"[\w.\-/~]+", source):
+        raise _not_found(name, "not a valid model name or path")
+    dev = pick_device(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not allow_download)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, local_files_only=not allow_download, dtype=_dtype_for(dev)
+        )
+    except (OSError, ValueError) as err:
+        why = "not available offline" if not allow_download else str(err).splitlines()[0]
+        raise _not_found(name, why) from None
+    model.to(dev)
+    model.eval()
+    if tokenizer.pad_token is None:
+        # GPT-2 has no pad token; padding positions are masked, so any id will do.
+        tokenizer.pad_token = tokenizer.eos_token
+    # GPT-2 positions are absolute: pad on the left so every prompt ends where the
+    # reply begins.
+    tokenizer.padding_side = "left"
+    log.info("loaded %s on %s (%s)", name, dev, model.dtype)
+    return model, tokenizer
+
+
+class LocalGenerator:
+    """Generates replies with a transformers causal LM held in this process."""
+
+    def __init__(self, model: Any, tokenizer: Any, name: str = "model") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.format = make_format(format_name_for_model(name, model.config), tokenizer.eos_token)
+        self.context_size = int(getattr(model.config, "n_positions", 1024))
+        self._begin_suppress: list[int] | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike[str] | None = None, *, device: str = "auto", allow_download: bool = False
+    ) -> "LocalGenerator":
+        model, tokenizer = load_model(name_or_path, device=device, allow_download=allow_download)
+        return cls(model, tokenizer, resolve_model(name_or_path))
+
+    @property
+    def device(self) -> Any:
+        return self.model.device
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _blank_start_ids(self) -> list[int]:
+        """Tokens that would make the reply empty if generated first.
+
+        Suppressing them at the first step (transformers' ``begin_suppress_tokens``)
+        costs nothing and removes empty replies, which small models produce often.
+        """
+        if self._begin_suppress is None:
+            tok = self.tokenizer
+            ids = {tok.eos_token_id}
+            for i in range(len(tok)):
+                piece = tok.decode([i])
+                if piece and not piece.strip() and "\n" in piece:
+                    ids.add(i)
+            self._begin_suppress = sorted(i for i in ids if i is not None)
+        return self._begin_suppress
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Generate one result per request; requests with equal settings share a batch."""
+        results: list[GenerationResult | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault((req.settings, req.stop_strings), []).append(i)
+        for (settings, stops), idx in groups.items():
+            batch = self._generate_batch([requests[i].prompt for i in idx], settings, stops)
+            for i, res in zip(idx, batch):
+                results[i] = res
+        return [r for r in results if r is not None]
+
+    def _generate_batch(
+        self, prompts: list[str], settings: DecodingSettings, stops: tuple[str, ...]
+    ) -> list[GenerationResult]:
+        import torch
+
+        tok = self.tokenizer
+        budget = self.context_size - settings.max_new_tokens
+        if budget < 1:
+            raise ChatbotError(
+                f"`max_new_tokens` must be below the model's context of {self.context_size} tokens, "
+                f"got {settings.max_new_tokens}"
+            )
+        # Keep the newest part of an over-long prompt; the conversation window does this
+        # properly by turns, this is the last guard against a position overflow.
+        tok.truncation_side = "left"
+        enc = tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=budget,
+                  add_special_tokens=False)
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=settings.max_new_tokens,
+            max_time=settings.max_time,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            repetition_penalty=settings.repetition_penalty,
+            no_repeat_ngram_size=settings.no_repeat_ngram_size,
+            begin_suppress_tokens=self._blank_start_ids(),
+        )
+        if stops:
+            kwargs.update(stop_strings=list(stops), tokenizer=tok)
+        if settings.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        else:
+            kwargs.update(do_sample=True, temperature=settings.temperature, top_k=settings.top_k or None,
+                          top_p=settings.top_p)
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(**enc, **kwargs)
+        seconds = time.perf_counter() - start
+        prompt_len = enc["input_ids"].shape[1]
+        results = []
+        for row, mask in zip(out, enc["attention_mask"]):
+            new = row[prompt_len:]
+            raw = tok.decode(new, skip_special_tokens=False)
+            text, stopped = cut_at_stop(raw, list(stops) + [tok.eos_token])
+            n_new = _count_until_eos(new.tolist(), tok.eos_token_id)
+            if stopped:
+                reason: FinishReason = "stop"
+            elif seconds >= settings.max_time:
+                reason = "time"
+            else:
+                reason = "length"
+                text = _trim_to_sentence(text)
+            results.append(GenerationResult(text.strip(), int(mask.sum()), n_new, reason, seconds))
+        return results
+
+
+def _count_until_eos(ids: list[int], eos: int | None) -> int:
+    for n, t in enumerate(ids):
+        if t == eos:
+            return n + 1
+    return len(ids)
+
+
+_SENTENCE_END = re.compile(r"[.!?…](?=\s|$)")
+
+
+def _trim_to_sentence(text: str) -> str:
+    """A reply cut by the token limit ends at its last full sentence when it has one."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    if ends and ends[-1] >= len(text) // 3:
+        return text[: ends[-1]]
+    return text

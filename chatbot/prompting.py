@@ -1,0 +1,166 @@
+"""Prompt formats: the one place that decides how a dialogue becomes model text.
+
+Training (`chatbot.training`) renders every corpus conversation through the same
+`PromptFormat` that the chat path uses to build prompts, so the two cannot drift apart.
+
+Two formats exist:
+
+* ``transcript``: one line per turn, ``Name: text``. The prompt ends with the bot's
+  ``Name:`` and the reply ends at the newline that starts the next turn. Speaker names
+  carry meaning (persona name, Discord author names), so this is the format of the
+  shipped model.
+* ``dialogpt``: turns joined by the end-of-text token, as Microsoft's DialoGPT was
+  trained; speaker names are not part of the text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Protocol, Sequence
+
+__all__ = [
+    "Utterance",
+    "PromptFormat",
+    "TranscriptFormat",
+    "DialoGPTFormat",
+    "FORMAT_NAMES",
+    "make_format",
+    "clean_text",
+    "clean_speaker",
+    "cut_at_stop",
+]
+
+MAX_SPEAKER_CHARS = 32
+_WHITESPACE = re.compile(r"\s+")
+# A speaker name is a label in front of a colon; characters that would end the label or
+# the line early are not allowed in it.
+_SPEAKER_FORBIDDEN = re.compile(r"[:\n\r\t]")
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One turn of a dialogue as the prompt format sees it."""
+
+    speaker: str
+    text: str
+
+
+def clean_text(text: str) -> str:
+    """Collapse all whitespace runs (newlines included) to single spaces and strip.
+
+    Each turn of the transcript format lives on one line; a newline inside a turn
+    would read as the start of a new turn.
+    """
+    return _WHITESPACE.sub(" ", text).strip()
+
+
+def clean_speaker(name: str) -> str:
+    """Make a speaker name safe to use as a transcript label."""
+    name = clean_text(_SPEAKER_FORBIDDEN.sub(" ", name))
+    return name[:MAX_SPEAKER_CHARS].strip() or "User"
+
+
+def cut_at_stop(text: str, stop_strings: Iterable[str]) -> tuple[str, bool]:
+    """Cut ``text`` at the earliest occurrence of any stop string.
+
+    Returns the text before it and whether a stop string was found. Works on decoded
+    text, so a stop string spread over several tokens is found the same as a
+    single-token one.
+    """
+    cut = len(text)
+    for stop in stop_strings:
+        if not stop:
+            continue
+        at = text.find(stop)
+        if at != -1 and at < cut:
+            cut = at
+    return text[:cut], cut != len(text)
+
+
+class PromptFormat(Protocol):
+    """How turns become text, for training and for prompting."""
+
+    name: str
+
+    def render_conversation(self, turns: Sequence[Utterance]) -> str:
+        """Text of a whole conversation, as the model is trained on it."""
+
+    def build_prompt(self, turns: Sequence[Utterance], reply_speaker: str, preamble: str = "") -> str:
+        """Text that makes the model continue with ``reply_speaker``'s next turn."""
+
+    def stop_strings(self, speakers: Iterable[str]) -> list[str]:
+        """Strings that end a reply: the start of any other turn."""
+
+
+class TranscriptFormat:
+    """``Name: text`` lines; a reply ends where the next line would begin."""
+
+    name = "transcript"
+
+    def __init__(self, eos_token: str = "<|endoftext|>") -> None:
+        self.eos_token = eos_token
+
+    def render_turn(self, turn: Utterance) -> str:
+        return f"{clean_speaker(turn.speaker)}: {clean_text(turn.text)}\n"
+
+    def render_conversation(self, turns: Sequence[Utterance]) -> str:
+        return "".join(self.render_turn(t) for t in turns)
+
+    def build_prompt(self, turns: Sequence[Utterance], reply_speaker: str, preamble: str = "") -> str:
+        head = f"{clean_text(preamble)}\n" if preamble.strip() else ""
+        # No space after the colon: in training text the space belongs to the first
+        # word of the turn (one token with it), so the prompt must stop before it.
+        return head + self.render_conversation(turns) + f"{clean_speaker(reply_speaker)}:"
+
+    def stop_strings(self, speakers: Iterable[str] = ()) -> list[str]:
+        stops = ["\n", self.eos_token]
+        for speaker in speakers:
+            stops.append(f" {clean_speaker(speaker)}:")
+        return list(dict.fromkeys(stops))
+
+
+class DialoGPTFormat:
+    """Turns joined by the end-of-text token (DialoGPT's training format)."""
+
+    name = "dialogpt"
+
+    def __init__(self, eos_token: str = "<|endoftext|>") -> None:
+        self.eos_token = eos_token
+
+    def render_conversation(self, turns: Sequence[Utterance]) -> str:
+        return "".join(clean_text(t.text) + self.eos_token for t in turns)
+
+    def build_prompt(self, turns: Sequence[Utterance], reply_speaker: str, preamble: str = "") -> str:
+        head = clean_text(preamble) + self.eos_token if preamble.strip() else ""
+        return head + self.render_conversation(turns)
+
+    def stop_strings(self, speakers: Iterable[str] = ()) -> list[str]:
+        return [self.eos_token]
+
+
+FORMAT_NAMES = ("transcript", "dialogpt")
+
+
+def make_format(name: str, eos_token: str = "<|endoftext|>") -> PromptFormat:
+    """Build the prompt format called ``name``."""
+    if name == "transcript":
+        return TranscriptFormat(eos_token)
+    if name == "dialogpt":
+        return DialoGPTFormat(eos_token)
+    raise ValueError(f"`prompt_format` must be one of {', '.join(FORMAT_NAMES)}, got {name!r}")
+
+
+def format_name_for_model(model_name: str, config: object | None = None) -> str:
+    """Which format a model was trained with.
+
+    Models trained by this project record it in their config (``chatbot_prompt_format``);
+    DialoGPT checkpoints are recognised by name; any other GPT-2 gets the transcript
+    format, which a plain language model continues naturally.
+    """
+    recorded = getattr(config, "chatbot_prompt_format", None)
+    if recorded:
+        return str(recorded)
+    if "dialogpt" in model_name.lower():
+        return "dialogpt"
+    return "transcript"

@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny GPT-2 built from a config (no files, no network)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+DIALOGUE = [
+    [("ada", "hi there, how are you?"), ("bob", "i am good, thanks. and you?"), ("ada", "great, just got back from a run")],
+    [("cy", "what are you reading these days?"), ("di", "a book about the ocean"), ("cy", "sounds fun, is it good?"),
+     ("di", "yes, i like it a lot")],
+    [("ed", "do you have any pets?"), ("fay", "a cat named pickles"), ("ed", "haha that is a great name")],
+    [("gus", "what did you eat today?"), ("hal", "pasta with tomato sauce"), ("gus", "yum, i love pasta")],
+]
+
+
+def dialogue_jsonl(path, copies: int = 1) -> None:
+    import json
+
+    with open(path, "w", encoding="utf-8") as fh:
+        for n in range(copies):
+            for conv in DIALOGUE:
+                turns = [{"speaker": s, "text": f"{t} ({n})" if n else t} for s, t in conv]
+                fh.write(json.dumps(turns) + "\n")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A sentencepiece tokenizer trained by the project's own code on a small corpus."""
+    from chatbot.prompting import TranscriptFormat
+    from chatbot.training import EOS_TOKEN, load_jsonl, render, train_tokenizer
+
+    path = tmp_path_factory.mktemp("corpus") / "d.jsonl"
+    dialogue_jsonl(path, copies=30)
+    texts = render(load_jsonl(path), TranscriptFormat(EOS_TOKEN), EOS_TOKEN)
+    return train_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=400)
+
+
+@pytest.fixture()
+def tiny_model(tiny_tokenizer):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tiny_tokenizer.eos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+                        chatbot_prompt_format="transcript")
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture()
+def tiny_dir(tmp_path, tiny_model, tiny_tokenizer):
+    """The tiny model saved as a Hugging Face directory."""
+    out = tmp_path / "tiny-gpt2"
+    tiny_model.save_pretrained(out)
+    tiny_tokenizer.save_pretrained(out)
+    return out
