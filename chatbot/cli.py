@@ -207,10 +207,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
-        # transformers' own advisory warnings are noise in a terminal chat.
-        import os
+        # transformers' advisory warnings and its load/save progress bars are noise in a
+        # terminal chat and would break "one reply per line" on a pipe.
+        from transformers.utils import logging as hf_logging
 
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     try:
         return COMMANDS[args.command](args)
     except ChatbotError as err:
