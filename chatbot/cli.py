@@ -28,7 +28,7 @@ def _add_decoding_options(p: argparse.ArgumentParser, *, temperature: float = 0.
     g.add_argument("--no-repeat-ngram-size", type=int, default=3,
                    help="never repeat an n-gram of this size, 0 = off (default %(default)s)")
     g.add_argument("--max-time", type=float, default=20.0, help="seconds allowed per reply (default %(default)s)")
-    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling (default: random)")
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling (default: random; 0 for evaluate)")
 
 
 def _decoding(args: argparse.Namespace) -> Any:
@@ -45,6 +45,8 @@ def _model_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="model directory, or a hub name already in the local cache (default: the shipped model)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (default)")
+    p.add_argument("--allow-download", action="store_true",
+                   help="fetch a hub model that is not in the local cache (needs network; off by default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="turns longer than this are dropped, splitting the conversation there (default %(default)s)")
     t.add_argument("--seed", type=int, default=0, help="seed for the split, the tokenizer and training (default %(default)s)")
     t.add_argument("--device", default="auto", help="cpu, cuda, mps, or auto (default)")
+    t.add_argument("--allow-download", action="store_true",
+                   help="fetch --base-model from the hub if it is not cached (needs network; off by default)")
     t.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
     t.add_argument("--overwrite", action="store_true", help="replace what --output already holds")
@@ -122,7 +126,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, val_fraction=args.val_fraction,
         max_turn_chars=args.max_turn_chars, seed=args.seed, device=args.device, threads=args.threads,
     )
-    report = train(opts, resume=args.resume, overwrite=args.overwrite, progress=sys.stderr.isatty() or args.verbose)
+    report = train(opts, resume=args.resume, overwrite=args.overwrite, allow_download=args.allow_download,
+                   progress=sys.stderr.isatty() or args.verbose)
     print(f"wrote {report.output}")
     print(f"steps {report.steps}, {report.seconds / 60:.1f} min, {report.parameters / 1e6:.2f}M parameters")
     print(f"validation perplexity {report.val_perplexity:.2f} "
@@ -133,9 +138,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .training import evaluate
 
-    if args.samples < 0:
-        raise ChatbotError(f"`--samples` must be 0 or more, got {args.samples}")
-    report = evaluate(args.model, data=args.data, samples=args.samples, settings=_decoding(args), device=args.device)
+    settings = _decoding(args)
+    if settings.seed is None:
+        # Fixed prompts with a fixed seed, so two models (or two runs) compare like for like.
+        settings = settings.model_copy(update={"seed": 0})
+    report = evaluate(args.model, data=args.data, samples=args.samples, settings=settings, device=args.device,
+                      allow_download=args.allow_download)
     print(f"model: {report.model}")
     print(f"validation perplexity {report.val_perplexity:.2f} on {report.tokens:,} tokens "
           f"(unigram {report.unigram_perplexity:.2f}, {report.unigram_perplexity / report.val_perplexity:.1f}x better)")
@@ -149,7 +157,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .prompting import Utterance
 
     settings = _decoding(args)
-    gen = LocalGenerator.from_pretrained(args.model, device=args.device)
+    gen = LocalGenerator.from_pretrained(args.model, device=args.device, allow_download=args.allow_download)
     if args.raw:
         request = GenerationRequest(args.prompt, settings)
     else:
@@ -166,7 +174,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .prompting import Utterance
 
     settings = _decoding(args)
-    gen = LocalGenerator.from_pretrained(args.model, device=args.device)
+    gen = LocalGenerator.from_pretrained(args.model, device=args.device, allow_download=args.allow_download)
     fmt = gen.format
     stops = tuple(fmt.stop_strings([args.name, args.bot_name]))
     interactive = sys.stdin.isatty()
@@ -192,9 +200,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
         budget = gen.context_size - settings.max_new_tokens
         while len(history) > 1 and gen.count_tokens(fmt.build_prompt(history, args.bot_name)) > budget:
             history.pop(0)
-        result = gen.generate([GenerationRequest(fmt.build_prompt(history, args.bot_name), settings, stops)])[0]
-        history.append(Utterance(args.bot_name, result.text))
-        print(f"{args.bot_name}> {result.text}" if interactive else result.text, flush=True)
+        request = GenerationRequest(fmt.build_prompt(history, args.bot_name), settings, stops)
+        if interactive:
+            print(f"{args.bot_name}> ", end="", flush=True)
+            reply = ""
+            for piece in gen.stream(request):
+                reply += piece
+                print(piece, end="", flush=True)
+            print()
+        else:
+            reply = gen.generate([request])[0].text
+            print(reply, flush=True)
+        history.append(Utterance(args.bot_name, reply))
     return 0
 
 

@@ -14,7 +14,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -30,6 +30,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = PACKAGE_DIR / "models" / "chitchat-gpt2"
 
 FinishReason = Literal["stop", "length", "time"]
+EMPTY_RETRIES = 2
 
 
 class DecodingSettings(BaseModel):
@@ -97,11 +98,29 @@ class GenerationResult:
     seconds: float
 
 
+class Generator(Protocol):
+    """What the engine needs from a reply generator; `LocalGenerator` is the transformers one."""
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """One result per request, in order; the text excludes the prompt and stops before any stop string."""
+
+    def stream(self, request: GenerationRequest) -> Iterator[str]:
+        """The reply of one request in pieces whose concatenation is the reply."""
+
+
 def pick_device(device: str = "auto") -> str:
     """CUDA, then Apple MPS, then CPU, unless a device is named."""
     import torch
 
     if device != "auto":
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:
+            raise ChatbotError(f"`device` must be auto, cpu, cuda, cuda:N or mps, got {device!r}") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ChatbotError(f"`device` is {device!r} but torch sees no CUDA GPU here; use --device cpu or auto")
+        if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ChatbotError(f"`device` is {device!r} but MPS is not available here; use --device cpu or auto")
         return device
     if torch.cuda.is_available():
         return "cuda"
@@ -151,17 +170,20 @@ def load_model(
 
     name = resolve_model(name_or_path)
     path = Path(name).expanduser()
-    looks_like_path = path.is_absolute() or name.startswith((".", "~")) or path.exists()
+    # "runs/mine" is a path when "runs" exists here, even if "mine" is a typo; otherwise
+    # a name with at most one slash is a hub name.
+    looks_like_path = (path.is_absolute() or name.startswith((".", "~")) or path.exists()
+                       or Path(name.split("/")[0]).is_dir())
     if looks_like_path:
         if not path.is_dir():
             raise _not_found(name, "no such directory")
         if not (path / "config.json").is_file():
             raise _not_found(name, "the directory has no config.json")
         source = str(path)
-    else:
+    elif re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", name):
         source = name
-    if not re.fullmatch(r"[\w.\-/~]+", source):
-        raise _not_found(name, "not a valid model name or path")
+    else:
+        raise _not_found(name, "neither a directory nor a hub model name like 'org/model'")
     dev = pick_device(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not allow_download)
@@ -169,7 +191,8 @@ def load_model(
             source, local_files_only=not allow_download, dtype=_dtype_for(dev)
         )
     except (OSError, ValueError) as err:
-        why = "not available offline" if not allow_download else str(err).splitlines()[0]
+        why = ("not available offline; --allow-download fetches it where there is network"
+               if not allow_download else str(err).splitlines()[0])
         raise _not_found(name, why) from None
     model.to(dev)
     model.eval()
@@ -179,6 +202,8 @@ def load_model(
     # GPT-2 positions are absolute: pad on the left so every prompt ends where the
     # reply begins.
     tokenizer.padding_side = "left"
+    # An over-long prompt keeps its newest part (the end the reply continues from).
+    tokenizer.truncation_side = "left"
     log.info("loaded %s on %s (%s)", name, dev, model.dtype)
     return model, tokenizer
 
@@ -225,20 +250,31 @@ class LocalGenerator:
         return self._begin_suppress
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Generate one result per request; requests with equal settings share a batch."""
+        """Generate one result per request; requests with equal settings share a batch.
+
+        A sampled reply that comes out empty (the model closed its turn at once) is
+        sampled again, at most `EMPTY_RETRIES` times.
+        """
         results: list[GenerationResult | None] = [None] * len(requests)
-        groups: dict[tuple, list[int]] = {}
-        for i, req in enumerate(requests):
-            groups.setdefault((req.settings, req.stop_strings), []).append(i)
-        for (settings, stops), idx in groups.items():
-            batch = self._generate_batch([requests[i].prompt for i in idx], settings, stops)
-            for i, res in zip(idx, batch):
-                results[i] = res
+        pending = list(range(len(requests)))
+        for attempt in range(EMPTY_RETRIES + 1):
+            groups: dict[tuple, list[int]] = {}
+            for i in pending:
+                groups.setdefault((requests[i].settings, requests[i].stop_strings), []).append(i)
+            for (settings, stops), idx in groups.items():
+                if attempt and settings.seed is not None:
+                    settings = settings.model_copy(update={"seed": settings.seed + attempt})
+                batch = self._generate_batch([requests[i].prompt for i in idx], settings, stops)
+                for i, res in zip(idx, batch):
+                    results[i] = res
+            pending = [i for i in pending if not results[i].text and not requests[i].settings.greedy]
+            if not pending:
+                break
         return [r for r in results if r is not None]
 
-    def _generate_batch(
-        self, prompts: list[str], settings: DecodingSettings, stops: tuple[str, ...]
-    ) -> list[GenerationResult]:
+    def _prepare(self, prompts: list[str], settings: DecodingSettings,
+                 stops: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Encoded, left-padded prompts and the `generate` keyword arguments for them."""
         import torch
 
         tok = self.tokenizer
@@ -248,9 +284,8 @@ class LocalGenerator:
                 f"`max_new_tokens` must be below the model's context of {self.context_size} tokens, "
                 f"got {settings.max_new_tokens}"
             )
-        # Keep the newest part of an over-long prompt; the conversation window does this
-        # properly by turns, this is the last guard against a position overflow.
-        tok.truncation_side = "left"
+        # The conversation window trims by turns; truncating here is the last guard
+        # against running past the model's positions.
         enc = tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=budget,
                   add_special_tokens=False)
         enc = {k: v.to(self.device) for k, v in enc.items()}
@@ -272,6 +307,71 @@ class LocalGenerator:
                           top_p=settings.top_p)
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
+        return enc, kwargs
+
+    def stream(self, request: GenerationRequest) -> Iterator[str]:
+        """Yield the reply in pieces as it is generated, never any part of a stop string.
+
+        transformers' `TextIteratorStreamer` hands over decoded text while `generate`
+        runs in a worker thread; text that could be the beginning of a stop string is
+        held back until the next piece shows whether it is one. A reply cut by the token
+        limit is not trimmed back to its last sentence as `generate` does: that text has
+        already been shown.
+        """
+        import threading
+
+        from transformers import TextIteratorStreamer
+
+        stops = list(request.stop_strings) + [self.tokenizer.eos_token]
+        enc, kwargs = self._prepare([request.prompt], request.settings, request.stop_strings)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, timeout=request.settings.max_time + 30)
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            import torch
+
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**enc, **kwargs, streamer=streamer)
+            except BaseException as err:  # handed to the consumer below
+                failure.append(err)
+                streamer.end()
+
+        worker = threading.Thread(target=run, name="generate-stream", daemon=True)
+        worker.start()
+        text, sent = "", 0
+        try:
+            for piece in streamer:
+                text += piece
+                kept, stopped = cut_at_stop(text, stops)
+                if stopped:
+                    text = kept
+                    break
+                safe = len(text) - _stop_prefix_len(text, stops)
+                if safe > sent:
+                    out = text[sent:safe]
+                    if sent == 0:
+                        out = out.lstrip()
+                    if out:
+                        yield out
+                    sent = safe
+        finally:
+            worker.join()
+        if failure:
+            raise failure[0]
+        tail = text[sent:].rstrip()
+        if sent == 0:
+            tail = tail.lstrip()
+        if tail:
+            yield tail
+
+    def _generate_batch(
+        self, prompts: list[str], settings: DecodingSettings, stops: tuple[str, ...]
+    ) -> list[GenerationResult]:
+        import torch
+
+        tok = self.tokenizer
+        enc, kwargs = self._prepare(prompts, settings, stops)
         start = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(**enc, **kwargs)
@@ -292,6 +392,17 @@ class LocalGenerator:
                 text = _trim_to_sentence(text)
             results.append(GenerationResult(text.strip(), int(mask.sum()), n_new, reason, seconds))
         return results
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that is the start of some stop string."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
 
 
 def _count_until_eos(ids: list[int], eos: int | None) -> int:

@@ -24,10 +24,9 @@ import re
 import shutil
 import tempfile
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -129,19 +128,33 @@ def _turns_from_json(obj: Any, where: str) -> list[Utterance]:
     return turns
 
 
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Numbered lines of a UTF-8 file; anything else is a `CorpusError` naming the line."""
+    if not path.is_file():
+        raise CorpusError(f"{path}: no such file")
+    try:
+        with path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                try:
+                    yield lineno, raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise CorpusError(f"{path}:{lineno}: not UTF-8 text ({err.reason})") from None
+    except OSError as err:
+        raise CorpusError(f"{path}: cannot read ({err.strerror})") from None
+
+
 def load_jsonl(path: Path) -> list[Conversation]:
     """One conversation per line: a JSON list of ``{"speaker": ..., "text": ...}``."""
     conversations = []
-    with _open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CorpusError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            conversations.append(Conversation(_turns_from_json(obj, where), where))
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CorpusError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        conversations.append(Conversation(_turns_from_json(obj, where), where))
     return conversations
 
 
@@ -154,33 +167,23 @@ def load_text(path: Path) -> list[Conversation]:
     conversations: list[Conversation] = []
     turns: list[Utterance] = []
     start = 1
-    with _open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                if turns:
-                    conversations.append(Conversation(turns, f"{path}:{start}"))
-                turns = []
-                continue
-            if not turns:
-                start = lineno
-            m = _LABELLED_LINE.match(line.strip())
-            if m:
-                turns.append(Utterance(m.group(1), m.group(2)))
-            else:
-                turns.append(Utterance("User" if len(turns) % 2 == 0 else "Bot", line))
+    for lineno, line in _lines(path):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            if turns:
+                conversations.append(Conversation(turns, f"{path}:{start}"))
+            turns = []
+            continue
+        if not turns:
+            start = lineno
+        m = _LABELLED_LINE.match(line.strip())
+        if m:
+            turns.append(Utterance(m.group(1), m.group(2)))
+        else:
+            turns.append(Utterance("User" if len(turns) % 2 == 0 else "Bot", line))
     if turns:
         conversations.append(Conversation(turns, f"{path}:{start}"))
     return conversations
-
-
-def _open_text(path: Path):
-    if not path.is_file():
-        raise CorpusError(f"{path}: no such file")
-    try:
-        return path.open(encoding="utf-8")
-    except OSError as err:
-        raise CorpusError(f"{path}: cannot read ({err.strerror})") from None
 
 
 def load_corpus(source: str, seed: int = 0) -> list[Conversation]:
@@ -262,7 +265,8 @@ def split_conversations(
 
 def render(conversations: Iterable[Conversation], fmt: PromptFormat, eos_token: str) -> list[str]:
     """Each conversation in the engine's prompt format, followed by end-of-text."""
-    return [fmt.render_conversation(c.turns) + eos_token for c in conversations]
+    texts = (fmt.render_conversation(c.turns) for c in conversations)
+    return [t if t.endswith(eos_token) else t + eos_token for t in texts]
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -334,26 +338,43 @@ class TrainOptions(BaseModel):
     base_model: str | None = None
     """Fine-tune this model (hub name in the local cache, or a directory); None trains from scratch."""
     vocab_size: int = Field(8000, ge=300, le=65536)
+    """Tokenizer vocabulary when training from scratch (ignored when fine-tuning)."""
     n_layer: int = Field(6, ge=1, le=48)
+    """Transformer layers of a model trained from scratch."""
     n_embd: int = Field(256, ge=16, le=4096)
+    """Hidden width of a model trained from scratch."""
     n_head: int = Field(8, ge=1, le=64)
+    """Attention heads; must divide `n_embd`."""
     block_size: int = Field(256, ge=16, le=4096)
+    """Training sequence length in tokens; the context of a model trained from scratch."""
     batch_size: int = Field(16, ge=1, le=4096)
+    """Sequences per optimiser step."""
     learning_rate: float = Field(2e-3, gt=0, le=1.0)
+    """Peak learning rate, reached after warm-up, then cosine decay to a tenth of it."""
     weight_decay: float = Field(0.1, ge=0, le=1.0)
+    """AdamW weight decay on weight matrices."""
     warmup_steps: int = Field(200, ge=0)
+    """Steps of linear learning-rate warm-up."""
     max_steps: int | None = Field(None, ge=1)
     """Total optimiser steps; None means `epochs` passes over the data."""
     epochs: float = Field(1.0, gt=0, le=1000)
+    """Passes over the training data when `max_steps` is not set."""
     dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout in the transformer; off by default: at a few epochs it costs more CPU time than it saves."""
     eval_every: int = Field(500, ge=1)
+    """Steps between validation losses."""
     checkpoint_every: int = Field(500, ge=1)
+    """Steps between checkpoints (the last step is always checkpointed)."""
     val_fraction: float = Field(0.05, ge=0.001, lt=0.5)
+    """Share of conversations held out for validation."""
     max_turn_chars: int = Field(500, ge=10)
+    """Turns longer than this are dropped and split their conversation."""
     seed: int = Field(0, ge=0)
+    """Seed for speaker names, the split, the tokenizer, initialisation and data order."""
     device: str = "auto"
+    """Where to train: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."""
     threads: int | None = Field(None, ge=1, le=512)
+    """CPU threads for torch; None keeps torch's default."""
 
     @model_validator(mode="after")
     def _shape(self) -> "TrainOptions":
@@ -513,21 +534,46 @@ def _save_checkpoint(out: Path, model: Any, tokenizer: Any, optimizer: Any, stat
     return final
 
 
-def train(opts: TrainOptions, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> TrainReport:
+def _check_output(out: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Decide what may happen to ``out``; returns the checkpoint to resume from."""
+    if out.exists() and not out.is_dir():
+        raise ChatbotError(f"--output {out} is a file, not a directory")
+    latest = _latest_checkpoint(out) if out.is_dir() else None
+    if resume:
+        if latest is None:
+            raise ChatbotError(f"nothing to resume: {out} has no checkpoint; drop --resume to start a new run")
+        return latest
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            what = "a checkpoint (pass --resume to continue it" if latest else "files (pass --overwrite to replace them"
+            raise ChatbotError(f"{out} already holds {what}, or choose another --output)")
+        if not ((out / "config.json").exists() or (out / CHECKPOINTS).exists()):
+            # --overwrite empties the directory, so it must be one this command wrote.
+            raise ChatbotError(f"{out} does not look like a model directory; refusing to overwrite it")
+    return None
+
+
+def _model_context(config: Any) -> int:
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    raise ChatbotError(f"the base model ({type(config).__name__}) does not declare its context size; "
+                       "use a GPT-2-family model")
+
+
+def train(opts: TrainOptions, *, resume: bool = False, overwrite: bool = False, allow_download: bool = False,
+          progress: bool = True) -> TrainReport:
     """Train (or fine-tune) a GPT-2 and write a Hugging Face model directory to ``opts.output``."""
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     out = Path(opts.output).expanduser()
-    latest = _latest_checkpoint(out) if out.is_dir() else None
-    if resume and latest is None:
-        raise ChatbotError(f"nothing to resume: {out} has no checkpoint; drop --resume to start a new run")
-    if not resume and out.exists() and any(out.iterdir()) and not overwrite:
-        what = "a checkpoint (pass --resume to continue it" if latest else "files (pass --overwrite to replace them"
-        raise ChatbotError(f"{out} already holds {what}, or choose another --output)")
-    if resume:
+    latest = _check_output(out, resume, overwrite)
+    saved: dict[str, Any] = {}
+    if latest is not None:
         saved = json.loads((latest / STATE_FILE).read_text())
         mismatched = {k: (saved["options"].get(k), v) for k, v in opts.model_dump().items()
                       if k not in ("device", "threads", "output") and saved["options"].get(k) != v}
@@ -542,23 +588,32 @@ def train(opts: TrainOptions, *, resume: bool = False, overwrite: bool = False, 
     started = time.time()
 
     # Everything that can fail on bad input runs before the output directory is touched.
+    base_model = None
     with tempfile.TemporaryDirectory() as tmp:
-        if opts.base_model:
-            base_model, base_tok = load_model(opts.base_model, device="cpu")
+        if latest is not None:
+            # The checkpoint's own tokenizer: token ids must mean what they meant before.
+            data, tokenizer = prepare_data(opts, None, AutoTokenizer.from_pretrained(latest),
+                                           AutoConfig.from_pretrained(latest))
+        elif opts.base_model:
+            base_model, base_tok = load_model(opts.base_model, device="cpu", allow_download=allow_download)
             data, tokenizer = prepare_data(opts, None, base_tok, base_model.config)
         else:
-            base_model = None
             data, tokenizer = prepare_data(opts, Path(tmp) / "tokenizer")
     block = opts.block_size
-    if base_model is not None and block > base_model.config.n_positions:
+    if base_model is not None and block > _model_context(base_model.config):
         raise ChatbotError(f"`block_size` must be at most the base model's context "
-                           f"({base_model.config.n_positions}), got {block}")
+                           f"({_model_context(base_model.config)}), got {block}")
     if n_blocks(data.train_ids, block) < 1 or n_blocks(data.val_ids, block) < 1:
         raise ChatbotError(f"the corpus is too small for --block-size {block} "
                            f"({len(data.train_ids)} training / {len(data.val_ids)} validation tokens)")
 
-    out.mkdir(parents=True, exist_ok=True)
-    if latest is not None and resume:
+    try:
+        if latest is None and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ChatbotError(f"cannot write --output {out}: {err.strerror}") from None
+    if latest is not None:
         model = AutoModelForCausalLM.from_pretrained(latest)
     elif base_model is not None:
         model = base_model
@@ -566,12 +621,13 @@ def train(opts: TrainOptions, *, resume: bool = False, overwrite: bool = False, 
     else:
         config = GPT2Config(
             vocab_size=len(tokenizer), n_positions=block, n_embd=opts.n_embd, n_layer=opts.n_layer,
-            n_head=opts.n_head, activation_function="gelu_pytorch_tanh", resid_pdrop=opts.dropout, embd_pdrop=opts.dropout, attn_pdrop=opts.dropout,
+            n_head=opts.n_head, resid_pdrop=opts.dropout, embd_pdrop=opts.dropout, attn_pdrop=opts.dropout,
+            # The fused tanh-GELU computes the same function as GPT-2's "gelu_new" and,
+            # measured on a 2-core CPU, trains 1.4x faster.
+            activation_function="gelu_pytorch_tanh",
             bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
             chatbot_prompt_format=data.format_name,
         )
-        # The fused tanh-GELU is the same function as GPT-2's "gelu_new" but, measured on
-        # a 2-core CPU, trains 1.4x faster.
         model = GPT2LMHeadModel(config)
     model.to(device)
     model.train()
@@ -585,8 +641,9 @@ def train(opts: TrainOptions, *, resume: bool = False, overwrite: bool = False, 
     per_epoch = n_blocks(data.train_ids, block)
     steps_per_epoch = max(1, per_epoch // opts.batch_size)
     total_steps = opts.max_steps or max(1, math.ceil(opts.epochs * steps_per_epoch))
-    state: dict[str, Any] = {"step": 0, "history": [], "seconds": 0.0, "options": opts.model_dump()}
-    if resume:
+    state: dict[str, Any] = {"step": 0, "history": [], "seconds": 0.0, "smooth_loss": None,
+                             "options": opts.model_dump()}
+    if latest is not None:
         optimizer.load_state_dict(torch.load(latest / "optimizer.pt", map_location=device))
         state.update(saved)
         torch.set_rng_state(torch.tensor(saved["torch_rng"], dtype=torch.uint8))
@@ -595,7 +652,7 @@ def train(opts: TrainOptions, *, resume: bool = False, overwrite: bool = False, 
     n_params = sum(p.numel() for p in model.parameters())
     bar = tqdm(total=total_steps, initial=state["step"], disable=not progress, unit="step",
                desc=f"training {n_params / 1e6:.1f}M params")
-    smooth = None
+    say = bar.write if progress else log.info
     seg_start = time.time()
     try:
         while state["step"] < total_steps:
@@ -614,51 +671,58 @@ def train(opts: TrainOptions, *, resume: bool = False, overwrite: bool = False, 
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            state["step"] = step + 1
-            smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+            state["step"] = done = step + 1
+            smooth = state["smooth_loss"]
+            state["smooth_loss"] = smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
             bar.update(1)
             bar.set_postfix(loss=f"{smooth:.3f}", lr=f"{lr:.2e}")
-            done = state["step"]
             if done % opts.eval_every == 0 or done == total_steps:
                 val = evaluate_loss(model, data.val_ids, block, max_blocks=None if done == total_steps else 200)
                 state["history"].append({"step": done, "train_loss": round(smooth, 4), "val_loss": round(val, 4)})
-                bar.write(f"step {done}: train loss {smooth:.3f}, validation loss {val:.3f} "
-                          f"(perplexity {math.exp(val):.1f})")
-            if done % opts.checkpoint_every == 0 and done < total_steps:
+                say(f"step {done}: train loss {smooth:.3f}, validation loss {val:.3f} (perplexity {math.exp(val):.1f})")
+            if done % opts.checkpoint_every == 0 or done == total_steps:
                 state["seconds"] += time.time() - seg_start
                 seg_start = time.time()
+                # The last step is checkpointed too, so an interruption while the final
+                # model is scored and written loses nothing: --resume finishes it.
                 _save_checkpoint(out, model, tokenizer, optimizer, state)
+        bar.close()
+
+        # The last history entry is the full validation loss at the final step.
+        val_loss = state["history"][-1]["val_loss"]
+        uni = unigram_perplexity(data.train_ids, data.val_ids, len(tokenizer), block)
+        smooth = state["smooth_loss"]
+        report = TrainReport(
+            output=str(out), steps=state["step"], seconds=round(state["seconds"], 1),
+            train_loss=round(smooth, 4), val_loss=round(val_loss, 4),
+            val_perplexity=round(math.exp(val_loss), 2), unigram_perplexity=round(uni, 2),
+            parameters=n_params, history=state["history"],
+        )
+        cfg = model.config
+        info = {
+            "report": asdict(report),
+            "options": opts.model_dump(),
+            "model": {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head,
+                      "context": _model_context(cfg), "vocab_size": cfg.vocab_size},
+            "data": {"source": opts.data, "cleaning": asdict(data.stats),
+                     "train_conversations": data.n_train_conversations,
+                     "validation_conversations": data.n_val_conversations,
+                     "train_tokens": int(len(data.train_ids)), "validation_tokens": int(len(data.val_ids)),
+                     "prompt_format": data.format_name},
+            "device": device, "torch_threads": torch.get_num_threads(),
+            "wall_seconds_including_data": round(time.time() - started, 1),
+        }
+        _write_final(out, model, tokenizer, info)
     except KeyboardInterrupt:
         bar.close()
-        state["seconds"] += time.time() - seg_start
-        if state["step"] > 0:
+        if state["step"] == 0:
+            raise ChatbotError("interrupted before the first step; nothing saved") from None
+        path = _latest_checkpoint(out)
+        if path is None or json.loads((path / STATE_FILE).read_text())["step"] != state["step"]:
+            state["seconds"] += time.time() - seg_start
             path = _save_checkpoint(out, model, tokenizer, optimizer, state)
-            raise ChatbotError(f"interrupted at step {state['step']}; saved {path}; "
-                               f"run the same command with --resume to continue") from None
-        raise ChatbotError("interrupted before the first step; nothing saved") from None
-    bar.close()
-    state["seconds"] += time.time() - seg_start
-
-    val_loss = evaluate_loss(model, data.val_ids, block)
-    uni = unigram_perplexity(data.train_ids, data.val_ids, len(tokenizer), block)
-    report = TrainReport(
-        output=str(out), steps=state["step"], seconds=round(state["seconds"], 1),
-        train_loss=round(smooth if smooth is not None else float("nan"), 4), val_loss=round(val_loss, 4),
-        val_perplexity=round(math.exp(val_loss), 2), unigram_perplexity=round(uni, 2),
-        parameters=n_params, history=state["history"],
-    )
-    info = {
-        "report": asdict(report),
-        "options": opts.model_dump(),
-        "data": {"source": opts.data, "cleaning": asdict(data.stats),
-                 "train_conversations": data.n_train_conversations,
-                 "validation_conversations": data.n_val_conversations,
-                 "train_tokens": int(len(data.train_ids)), "validation_tokens": int(len(data.val_ids)),
-                 "prompt_format": data.format_name},
-        "device": device, "torch_threads": torch.get_num_threads(),
-        "wall_seconds_including_data": round(time.time() - started, 1),
-    }
-    _write_final(out, model, tokenizer, info)
+        raise ChatbotError(f"interrupted at step {state['step']}; saved {path}; "
+                           f"run the same command with --resume to continue") from None
     return report
 
 
@@ -679,7 +743,7 @@ def _write_final(out: Path, model: Any, tokenizer: Any, info: dict[str, Any]) ->
 
 
 def model_card(info: dict[str, Any]) -> str:
-    r, o, d = info["report"], info["options"], info["data"]
+    r, o, d, m = info["report"], info["options"], info["data"], info["model"]
     ratio = r["unigram_perplexity"] / r["val_perplexity"]
     base = o["base_model"] or "none (trained from scratch)"
     lines = [
@@ -715,8 +779,8 @@ def model_card(info: dict[str, Any]) -> str:
         "## Model and training",
         "",
         f"- parameters: {r['parameters']:,}; base model: {base}",
-        f"- shape: {o['n_layer']} layers, {o['n_embd']} wide, {o['n_head']} heads, "
-        f"context {o['block_size']} tokens, vocabulary {o['vocab_size']}",
+        f"- shape: {m['n_layer']} layers, {m['n_embd']} wide, {m['n_head']} heads, "
+        f"context {m['context']} tokens, vocabulary {m['vocab_size']}",
         f"- steps: {r['steps']}, batch {o['batch_size']} x {o['block_size']} tokens, peak learning rate "
         f"{o['learning_rate']}, warm-up {o['warmup_steps']}, cosine decay, weight decay {o['weight_decay']}, "
         f"dropout {o['dropout']}",
@@ -754,14 +818,15 @@ class EvalReport:
 
 def evaluate(model_name: str | None = None, *, data: str | None = None, seed: int | None = None,
              val_fraction: float | None = None, block_size: int | None = None, samples: int = 5,
-             settings: DecodingSettings | None = None, device: str = "auto") -> EvalReport:
+             settings: DecodingSettings | None = None, device: str = "auto",
+             allow_download: bool = False) -> EvalReport:
     """Perplexity on the validation split the model was trained with, plus sampled replies.
 
     The split is rebuilt from the options in ``training_info.json`` when the model has
     one, so ``evaluate`` scores exactly the conversations training held out.
     """
     name = resolve_model(model_name)
-    gen = LocalGenerator.from_pretrained(name, device=device)
+    gen = LocalGenerator.from_pretrained(name, device=device, allow_download=allow_download)
     recorded: dict[str, Any] = {}
     info_file = Path(name) / "training_info.json"
     if info_file.is_file():
@@ -783,6 +848,8 @@ def evaluate(model_name: str | None = None, *, data: str | None = None, seed: in
     loss = evaluate_loss(gen.model, val_ids, opts.block_size)
     uni = unigram_perplexity(train_ids, val_ids, len(gen.tokenizer), opts.block_size)
     settings = settings or DecodingSettings(seed=opts.seed)
+    if not 0 <= samples <= len(FIXED_PROMPTS):
+        raise ChatbotError(f"`samples` must be between 0 and {len(FIXED_PROMPTS)}, got {samples}")
     prompts = FIXED_PROMPTS[:samples]
     requests = [
         GenerationRequest(fmt.build_prompt([Utterance("User", p)], "Bot"), settings, tuple(fmt.stop_strings(["User", "Bot"])))

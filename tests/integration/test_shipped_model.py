@@ -60,7 +60,7 @@ def test_piped_chat_prints_one_reply_per_line():
 
 def test_unavailable_hub_model_is_one_line_error():
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "bot.py", "generate", "--model", "distilgpt2", "hi"],
+    proc = subprocess.run([sys.executable, "bot.py", "generate", "--model", "example-org/not-a-real-model", "hi"],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "not available offline" in proc.stderr and "Traceback" not in proc.stderr

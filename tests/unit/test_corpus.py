@@ -57,7 +57,7 @@ def test_cleaning():
     convs = [
         Conversation([Utterance("a", "  hi \n\n there "), Utterance("b", ""), Utterance("a", "again"),
                       Utterance("b", f"ok {EOS_TOKEN} fine\x07")]),
-        Conversation([Utterance("a", "HI there again"), Utterance("b", "ok fine")]),  # not a duplicate
+        Conversation([Utterance("a", "HI there again"), Utterance("b", "ok fine")]),  # duplicate: case is ignored
         Conversation([Utterance("a", "hi there again"), Utterance("b", "ok  fine")]),  # duplicate of the first
         Conversation([Utterance("a", "one"), Utterance("b", "two"), Utterance("a", long_turn),
                       Utterance("b", "three"), Utterance("a", "four")]),
@@ -90,3 +90,10 @@ def test_chitchat_corpus_loads():
     assert len(convs) == 7168
     speakers = {t.speaker for c in convs[:200] for t in c.turns}
     assert "User" in speakers and len(speakers) > 10
+
+
+def test_non_utf8_file_names_the_line(tmp_path):
+    path = tmp_path / "d.txt"
+    path.write_bytes(b"Ada: hi\nBob: caf\xe9\n")
+    with pytest.raises(CorpusError, match="d.txt:2: not UTF-8"):
+        load_text(path)

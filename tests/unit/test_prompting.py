@@ -1,3 +1,5 @@
+import pytest
+
 from chatbot.prompting import (
     DialoGPTFormat,
     TranscriptFormat,
@@ -7,8 +9,6 @@ from chatbot.prompting import (
     format_name_for_model,
     make_format,
 )
-
-import pytest
 
 TURNS = [Utterance("ada", "hi  there\nfriend"), Utterance("Bot", "hello!")]
 

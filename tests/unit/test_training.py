@@ -125,3 +125,46 @@ def test_fine_tune_reuses_the_base_tokenizer(tmp_path, tiny_dir):
     assert report.steps == 6
     info = json.loads((out / "training_info.json").read_text())
     assert info["options"]["base_model"] == str(tiny_dir)
+
+
+def test_overwrite_replaces_an_old_run_and_its_checkpoints(tmp_path, monkeypatch):
+    old = tiny_options(tmp_path, max_steps=30)
+    real_lr = training._lr_at
+
+    def interrupt(step, total, opts):
+        if step == 25:
+            raise KeyboardInterrupt
+        return real_lr(step, total, opts)
+
+    monkeypatch.setattr(training, "_lr_at", interrupt)
+    with pytest.raises(ChatbotError, match="interrupted at step 25"):
+        train(old, progress=False)
+    monkeypatch.setattr(training, "_lr_at", real_lr)
+    new = tiny_options(tmp_path, max_steps=12)
+    report = train(new, overwrite=True, progress=False)
+    assert report.steps == 12
+    assert not (tmp_path / "model" / "checkpoints").exists()
+
+
+def test_overwrite_refuses_a_directory_it_did_not_write(tmp_path):
+    precious = tmp_path / "model"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(ChatbotError, match="does not look like a model directory"):
+        train(tiny_options(tmp_path), overwrite=True, progress=False)
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_evaluate_rebuilds_the_validation_split(tmp_path):
+    from chatbot.training import evaluate
+
+    report = train(tiny_options(tmp_path, max_steps=20, eval_every=10), progress=False)
+    from chatbot.generation import DecodingSettings
+
+    result = evaluate(str(tmp_path / "model"), samples=2, device="cpu",
+                      settings=DecodingSettings(max_new_tokens=8, seed=0))
+    assert result.val_perplexity == pytest.approx(report.val_perplexity, rel=1e-3)
+    assert result.unigram_perplexity == pytest.approx(report.unigram_perplexity, rel=1e-3)
+    assert [p for p, _ in result.samples] == list(training.FIXED_PROMPTS[:2])
+    with pytest.raises(ChatbotError, match="`samples` must be between 0 and 5"):
+        evaluate(str(tmp_path / "model"), samples=9, device="cpu")
