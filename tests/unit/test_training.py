@@ -45,7 +45,9 @@ def test_short_run_lowers_the_loss_and_writes_a_model_directory(tmp_path):
     assert f"{report.val_perplexity:.2f}" in card and "seed: 0" in card
     # The trained model is usable by the generator straight away.
     gen = LocalGenerator.from_pretrained(out, device="cpu")
-    assert isinstance(gen.generate([training.GenerationRequest("ada: hi\nBot:")])[0].text, str)
+    settings = training.DecodingSettings(max_new_tokens=8, seed=0)
+    result = gen.generate([training.GenerationRequest("ada: hi\nBot:", settings)])[0]
+    assert isinstance(result.text, str) and 0 < result.completion_tokens <= 8
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
