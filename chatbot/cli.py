@@ -126,12 +126,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, val_fraction=args.val_fraction,
         max_turn_chars=args.max_turn_chars, seed=args.seed, device=args.device, threads=args.threads,
     )
+    progress = sys.stderr.isatty() or args.verbose
+    if not progress:
+        # Without a progress bar (output to a file or pipe), the periodic validation
+        # lines are how a long run shows it is alive.
+        logging.getLogger("chatbot.training").setLevel(logging.INFO)
     report = train(opts, resume=args.resume, overwrite=args.overwrite, allow_download=args.allow_download,
-                   progress=sys.stderr.isatty() or args.verbose)
+                   progress=progress)
     print(f"wrote {report.output}")
     print(f"steps {report.steps}, {report.seconds / 60:.1f} min, {report.parameters / 1e6:.2f}M parameters")
     print(f"validation perplexity {report.val_perplexity:.2f} "
-          f"(unigram {report.unigram_perplexity:.2f}, {report.unigram_perplexity / report.val_perplexity:.1f}x better)")
+          f"(unigram {report.unigram_perplexity:.2f}; unigram/model {report.unigram_perplexity / report.val_perplexity:.1f}x)")
     return 0
 
 
@@ -146,7 +151,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                       allow_download=args.allow_download)
     print(f"model: {report.model}")
     print(f"validation perplexity {report.val_perplexity:.2f} on {report.tokens:,} tokens "
-          f"(unigram {report.unigram_perplexity:.2f}, {report.unigram_perplexity / report.val_perplexity:.1f}x better)")
+          f"(unigram {report.unigram_perplexity:.2f}; unigram/model {report.unigram_perplexity / report.val_perplexity:.1f}x)")
     for prompt, reply in report.samples:
         print(f"> {prompt}\n{reply}")
     return 0

@@ -62,3 +62,17 @@ def test_help_explains_every_training_option():
     for action in train._actions:
         if action.dest != "help":
             assert action.help, f"--{action.dest} has no help text"
+
+
+def test_train_without_a_terminal_reports_validation_losses(capsys, caplog, tmp_path):
+    from ..conftest import dialogue_jsonl
+
+    data = tmp_path / "d.jsonl"
+    dialogue_jsonl(data, copies=30)
+    code, out, err = run(capsys, "train", "--data", str(data), "--output", str(tmp_path / "m"), "--vocab-size", "300",
+                         "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32", "--batch-size", "4",
+                         "--max-steps", "4", "--eval-every", "2", "--warmup-steps", "1", "--threads", "1")
+    assert code == 0, err
+    # pytest holds the root logger, so the lines land in caplog rather than on stderr.
+    assert "step 2: train loss" in caplog.text and "step 4: train loss" in caplog.text
+    assert "validation perplexity" in out and f"wrote {tmp_path / 'm'}" in out
