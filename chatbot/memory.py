@@ -1,0 +1,235 @@
+"""Conversation memory: the `MemoryStore` contract, a SQLite store and an in-memory store.
+
+Every method is async. The SQLite store does its work in a worker thread so the event
+loop never waits on the disk, and an `append` has been committed (WAL, synchronous=FULL)
+by the time it returns: an acknowledged turn survives the process being killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from .conversation import ROLES, Role, Turn, check_author, check_conversation_id
+from .errors import ChatbotError
+
+__all__ = ["MemoryStore", "SQLiteMemoryStore", "InMemoryStore", "MAX_TURN_CHARS"]
+
+MAX_TURN_CHARS = 20_000
+"""Longest text one stored turn may hold; the engine caps user input well below this."""
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS turns (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation_id TEXT NOT NULL,
+    author TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('user', 'bot')),
+    text TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS turns_by_conversation ON turns (conversation_id, id);
+CREATE INDEX IF NOT EXISTS turns_by_author ON turns (author);
+"""
+
+
+class MemoryStore(Protocol):
+    """Where conversations live. Implementations must make `append` durable when it returns."""
+
+    async def append(self, conversation_id: str, author: str, role: Role, text: str) -> Turn:
+        """Store one turn and return it with its id."""
+
+    async def newest(self, conversation_id: str, limit: int) -> list[Turn]:
+        """The newest ``limit`` turns of a conversation, oldest first."""
+
+    async def reset(self, conversation_id: str) -> int:
+        """Delete a conversation's turns; returns how many."""
+
+    async def forget_author(self, author: str) -> int:
+        """Delete every turn ``author`` wrote, in every conversation; returns how many."""
+
+    async def export(self, conversation_id: str) -> dict[str, Any]:
+        """The whole conversation as a JSON-serialisable dict."""
+
+    async def expire(self, older_than_seconds: float) -> int:
+        """Delete turns older than this many seconds; returns how many."""
+
+    async def close(self) -> None:
+        """Release the store's resources."""
+
+
+def _check_turn(conversation_id: str, author: str, role: str, text: str) -> None:
+    check_conversation_id(conversation_id)
+    check_author(author)
+    if role not in ROLES:
+        raise ChatbotError(f"`role` must be one of {', '.join(ROLES)}, got {role!r}")
+    if not isinstance(text, str):
+        raise ChatbotError(f"turn text must be a string, got {type(text).__name__}")
+    if len(text) > MAX_TURN_CHARS:
+        raise ChatbotError(f"turn text must be at most {MAX_TURN_CHARS} characters, got {len(text)}")
+
+
+def _check_limit(limit: int) -> None:
+    if not isinstance(limit, int) or limit < 0:
+        raise ChatbotError(f"`limit` must be a non-negative integer, got {limit!r}")
+
+
+def _export(conversation_id: str, turns: list[Turn]) -> dict[str, Any]:
+    return {"conversation_id": conversation_id, "exported_at": time.time(),
+            "turns": [t.to_json() for t in turns]}
+
+
+class SQLiteMemoryStore:
+    """The embedded default: one SQLite file in WAL mode, shared by every face."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # One connection used from worker threads; the lock serialises it (sqlite3
+            # connections are not safe for concurrent use).
+            self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise ChatbotError(f"{self.path} was written by a newer version (schema {version}); upgrade first")
+            self._conn.executescript(_SCHEMA)
+            self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as err:
+            raise ChatbotError(f"cannot open the memory database {self.path}: {err}") from None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _run(self, fn: Any, *args: Any) -> Any:
+        with self._lock:
+            if self._closed:
+                raise ChatbotError("the memory store is closed")
+            return fn(*args)
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.to_thread(self._run, fn, *args)
+
+    @staticmethod
+    def _row(row: tuple) -> Turn:
+        return Turn(id=row[0], conversation_id=row[1], author=row[2], role=row[3], text=row[4], created_at=row[5])
+
+    def _append(self, conversation_id: str, author: str, role: str, text: str) -> Turn:
+        now = time.time()
+        with self._conn:  # BEGIN ... COMMIT; the commit is on disk when this returns
+            cur = self._conn.execute(
+                "INSERT INTO turns (conversation_id, author, role, text, created_at) VALUES (?, ?, ?, ?, ?)",
+                (conversation_id, author, role, text, now),
+            )
+        return Turn(conversation_id, author, role, text, now, int(cur.lastrowid))  # type: ignore[arg-type]
+
+    async def append(self, conversation_id: str, author: str, role: Role, text: str) -> Turn:
+        _check_turn(conversation_id, author, role, text)
+        return await self._call(self._append, conversation_id, author, role, text)
+
+    def _newest(self, conversation_id: str, limit: int) -> list[Turn]:
+        rows = self._conn.execute(
+            "SELECT id, conversation_id, author, role, text, created_at FROM turns "
+            "WHERE conversation_id = ? ORDER BY id DESC LIMIT ?",
+            (conversation_id, limit),
+        ).fetchall()
+        return [self._row(r) for r in reversed(rows)]
+
+    async def newest(self, conversation_id: str, limit: int) -> list[Turn]:
+        check_conversation_id(conversation_id)
+        _check_limit(limit)
+        return await self._call(self._newest, conversation_id, limit)
+
+    def _delete(self, where: str, arg: Any) -> int:
+        with self._conn:
+            return self._conn.execute(f"DELETE FROM turns WHERE {where}", (arg,)).rowcount
+
+    async def reset(self, conversation_id: str) -> int:
+        check_conversation_id(conversation_id)
+        return await self._call(self._delete, "conversation_id = ?", conversation_id)
+
+    async def forget_author(self, author: str) -> int:
+        check_author(author)
+        return await self._call(self._delete, "author = ? AND role = 'user'", author)
+
+    async def expire(self, older_than_seconds: float) -> int:
+        if not older_than_seconds > 0:
+            raise ChatbotError(f"`older_than_seconds` must be greater than 0, got {older_than_seconds!r}")
+        return await self._call(self._delete, "created_at < ?", time.time() - older_than_seconds)
+
+    async def export(self, conversation_id: str) -> dict[str, Any]:
+        check_conversation_id(conversation_id)
+        turns = await self._call(self._newest, conversation_id, -1)
+        return _export(conversation_id, turns)
+
+    async def close(self) -> None:
+        def _close() -> None:
+            with self._lock:
+                if not self._closed:
+                    self._closed = True
+                    self._conn.close()
+
+        await asyncio.to_thread(_close)
+
+
+class InMemoryStore:
+    """Same contract, kept in a dict: for tests and throwaway conversations."""
+
+    def __init__(self) -> None:
+        self._turns: dict[str, list[Turn]] = {}
+        self._next_id = 1
+
+    async def append(self, conversation_id: str, author: str, role: Role, text: str) -> Turn:
+        _check_turn(conversation_id, author, role, text)
+        turn = Turn(conversation_id, author, role, text, time.time(), self._next_id)
+        self._next_id += 1
+        self._turns.setdefault(conversation_id, []).append(turn)
+        return turn
+
+    async def newest(self, conversation_id: str, limit: int) -> list[Turn]:
+        check_conversation_id(conversation_id)
+        _check_limit(limit)
+        turns = self._turns.get(conversation_id, [])
+        return list(turns[-limit:]) if limit else []
+
+    async def reset(self, conversation_id: str) -> int:
+        check_conversation_id(conversation_id)
+        return len(self._turns.pop(conversation_id, []))
+
+    async def forget_author(self, author: str) -> int:
+        check_author(author)
+        removed = 0
+        for cid, turns in self._turns.items():
+            kept = [t for t in turns if not (t.author == author and t.role == "user")]
+            removed += len(turns) - len(kept)
+            self._turns[cid] = kept
+        return removed
+
+    async def expire(self, older_than_seconds: float) -> int:
+        if not older_than_seconds > 0:
+            raise ChatbotError(f"`older_than_seconds` must be greater than 0, got {older_than_seconds!r}")
+        cutoff = time.time() - older_than_seconds
+        removed = 0
+        for cid, turns in self._turns.items():
+            kept = [t for t in turns if t.created_at >= cutoff]
+            removed += len(turns) - len(kept)
+            self._turns[cid] = kept
+        return removed
+
+    async def export(self, conversation_id: str) -> dict[str, Any]:
+        check_conversation_id(conversation_id)
+        return _export(conversation_id, list(self._turns.get(conversation_id, [])))
+
+    async def close(self) -> None:
+        return None
+
+
+def export_json(data: dict[str, Any]) -> str:
+    """An export as pretty JSON text (what a user downloads)."""
+    return json.dumps(data, indent=2, ensure_ascii=False)
