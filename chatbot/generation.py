@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ChatbotError, ModelNotFoundError
+from .errors import ChatbotError, ModelNotFoundError, settings_error_message
 from .prompting import cut_at_stop, format_name_for_model, make_format
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,25 +60,28 @@ class DecodingSettings(BaseModel):
         return self.temperature == 0.0
 
 
-def settings_error_message(err: ValidationError) -> str:
-    """One line per problem, each naming the setting and the bad value."""
-    parts = []
-    for e in err.errors():
-        name = ".".join(str(p) for p in e["loc"]) or "settings"
-        if e["type"] == "extra_forbidden":
-            parts.append(f"`{name}` is not a known setting")
-        else:
-            msg = e["msg"].replace("Input should be", "must be").replace("Value error, ", "")
-            parts.append(f"`{name}` {msg}, got {e.get('input')!r}")
-    return "; ".join(parts)
-
-
 def make_decoding_settings(**values: Any) -> DecodingSettings:
     """Build `DecodingSettings`, turning validation errors into a `ChatbotError`."""
     try:
         return DecodingSettings(**values)
     except ValidationError as err:
         raise ChatbotError(settings_error_message(err)) from None
+
+
+PRESETS: dict[str, DecodingSettings] = {
+    "greedy": DecodingSettings(temperature=0.0),
+    "precise": DecodingSettings(temperature=0.5, top_k=40, top_p=0.8),
+    "balanced": DecodingSettings(),
+    "creative": DecodingSettings(temperature=1.0, top_k=0, top_p=0.95, repetition_penalty=1.2),
+}
+"""Named decoding styles a persona (or a user) can pick; each is a full `DecodingSettings`."""
+
+
+def get_preset(name: str) -> DecodingSettings:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ChatbotError(f"unknown decoding preset {name!r}; available: {', '.join(PRESETS)}") from None
 
 
 @dataclass(frozen=True)

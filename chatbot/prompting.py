@@ -16,8 +16,19 @@ Two formats exist:
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Protocol, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ChatbotError, settings_error_message
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 __all__ = [
     "Utterance",
@@ -29,6 +40,11 @@ __all__ = [
     "clean_text",
     "clean_speaker",
     "cut_at_stop",
+    "Persona",
+    "load_persona",
+    "list_personas",
+    "get_persona",
+    "PROMPTS_DIR",
 ]
 
 MAX_SPEAKER_CHARS = 32
@@ -164,3 +180,91 @@ def format_name_for_model(model_name: str, config: object | None = None) -> str:
     if "dialogpt" in model_name.lower():
         return "dialogpt"
     return "transcript"
+
+
+# --------------------------------------------------------------------------- personas
+
+PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
+"""Where persona files live: one TOML file per persona, data not code."""
+
+
+class PersonaExample(BaseModel):
+    """One example exchange shown to the model before the conversation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    user: str = Field(min_length=1, max_length=500)
+    bot: str = Field(min_length=1, max_length=500)
+
+
+class Persona(BaseModel):
+    """How the bot presents itself: its name in the transcript, a description and example exchanges."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")
+    """The persona's id, equal to its file name without `.toml`."""
+    speaker: str = Field(min_length=1, max_length=MAX_SPEAKER_CHARS)
+    """The bot's speaker name in the transcript (``Sam:``)."""
+    description: str = Field("", max_length=1000)
+    """One or two sentences pinned at the top of every prompt."""
+    preset: str = "balanced"
+    """Default decoding preset (see `chatbot.generation.PRESETS`)."""
+    examples: tuple[PersonaExample, ...] = ()
+    """Example exchanges pinned after the description."""
+
+    @field_validator("speaker")
+    @classmethod
+    def _speaker(cls, value: str) -> str:
+        if clean_speaker(value) != value:
+            raise ValueError("must be a single line without ':' or surrounding spaces")
+        return value
+
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, value: str) -> str:
+        from .generation import PRESETS
+
+        if value not in PRESETS:
+            raise ValueError(f"must be one of {', '.join(PRESETS)}")
+        return value
+
+    def example_turns(self, user: str = "User") -> list[Utterance]:
+        """The example exchanges as turns, with ``user`` as the other speaker."""
+        turns: list[Utterance] = []
+        for ex in self.examples:
+            turns += [Utterance(user, ex.user), Utterance(self.speaker, ex.bot)]
+        return turns
+
+
+def load_persona(path: str | Path) -> Persona:
+    """Read one persona file; any problem is a `ChatbotError` naming the file and the field."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ChatbotError(f"{path}: no such persona file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ChatbotError(f"{path}: cannot read ({err})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ChatbotError(f"{path}: not valid TOML ({err})") from None
+    try:
+        persona = Persona(**data)
+    except ValidationError as err:
+        raise ChatbotError(f"{path}: {settings_error_message(err)}") from None
+    if persona.name != path.stem:
+        raise ChatbotError(f"{path}: `name` must match the file name ({path.stem!r}), got {persona.name!r}")
+    return persona
+
+
+def list_personas(directory: str | Path = PROMPTS_DIR) -> dict[str, Persona]:
+    """Every persona in ``directory``, by name."""
+    return {p.stem: load_persona(p) for p in sorted(Path(directory).glob("*.toml"))}
+
+
+def get_persona(name: str, directory: str | Path = PROMPTS_DIR) -> Persona:
+    path = Path(directory) / f"{name}.toml"
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,39}", name) or not path.is_file():
+        known = ", ".join(p.stem for p in sorted(Path(directory).glob("*.toml"))) or "none"
+        raise ChatbotError(f"unknown persona {name!r}; available: {known}")
+    return load_persona(path)

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import ChatbotError, CorpusError
+from .errors import ChatbotError, CorpusError, settings_error_message
 from .generation import (
     DecodingSettings,
     GenerationRequest,
@@ -38,7 +38,6 @@ from .generation import (
     load_model,
     pick_device,
     resolve_model,
-    settings_error_message,
 )
 from .prompting import PromptFormat, Utterance, clean_speaker, clean_text, format_name_for_model, make_format
 
