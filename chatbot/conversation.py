@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal, Sequence
 
 from .errors import ChatbotError
 
@@ -65,3 +65,95 @@ class Turn:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# --------------------------------------------------------------------------- rolling window
+
+
+@dataclass(frozen=True)
+class Window:
+    """What goes into one prompt: pinned persona text, then the newest turns that fit."""
+
+    preamble: str
+    pinned: tuple  # example exchanges (prompting.Utterance), always kept
+    turns: tuple[Turn, ...]
+    dropped: tuple[int, ...]
+    """Ids of conversation turns left out, oldest first."""
+    cut: tuple[int, ...]
+    """Ids of turns whose text was shortened to fit (only ever the newest one)."""
+    tokens: int
+    """Tokens the rendered window takes, measured with the model's tokenizer."""
+
+
+def build_window(
+    turns: Sequence[Turn],
+    *,
+    render: Callable[[str, Sequence[Any], Sequence[Turn]], str],
+    count_tokens: Callable[[str], int],
+    budget: int,
+    preamble: str = "",
+    pinned: Sequence[Any] = (),
+    first_position: int = 0,
+    chunk: int = 8,
+) -> Window:
+    """Choose the turns of one prompt.
+
+    ``turns`` are the newest turns of a conversation, oldest first, and ``first_position``
+    is the position of ``turns[0]`` in the whole conversation. ``render(preamble, pinned,
+    turns)`` gives the prompt text, and ``count_tokens`` measures it, so the budget is in
+    the model's own tokens.
+
+    When turns must go, the oldest are dropped in whole chunks of ``chunk`` conversation
+    positions: the first kept turn stays the same from one reply to the next until the
+    window overflows again, so the prompt's prefix (and a cache of it) stays valid. A
+    newest turn that cannot fit even alone is shortened, keeping its end; the pinned
+    persona text is never pushed out.
+    """
+    if budget < 1:
+        raise ChatbotError(f"the window budget must be at least 1 token, got {budget}")
+    if chunk < 1:
+        raise ChatbotError(f"`chunk` must be at least 1, got {chunk}")
+    pinned = tuple(pinned)
+    base = count_tokens(render(preamble, pinned, ()))
+    if base > budget:
+        raise ChatbotError(f"the persona text takes {base} tokens, more than the window's {budget}; "
+                           "shorten its description or examples, or lower the reply budget")
+    turns = list(turns)
+
+    def fits(start: int, items: Sequence[Turn]) -> bool:
+        return count_tokens(render(preamble, pinned, items[start:])) <= budget
+
+    # Smallest start that fits, found by binary search (the rendered length only grows
+    # as the start moves back).
+    lo, hi = 0, len(turns)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(mid, turns):
+            hi = mid
+        else:
+            lo = mid + 1
+    start = lo
+    if 0 < start < len(turns):
+        # Round up to the next chunk boundary in conversation positions, unless that
+        # would leave no turn at all (the budget holds less than a chunk).
+        rounded = start + (-(first_position + start)) % chunk
+        if rounded < len(turns):
+            start = rounded
+    cut: list[int] = []
+    if turns and start >= len(turns):
+        # Even the newest turn alone does not fit: keep it, shortened to its end.
+        start = len(turns) - 1
+        last = turns[-1]
+        lo_c, hi_c = 0, len(last.text)
+        while lo_c < hi_c:
+            mid = (lo_c + hi_c) // 2
+            candidate = [Turn(last.conversation_id, last.author, last.role, last.text[mid:], last.created_at, last.id)]
+            if fits(0, candidate):
+                hi_c = mid
+            else:
+                lo_c = mid + 1
+        turns[-1] = Turn(last.conversation_id, last.author, last.role, last.text[lo_c:], last.created_at, last.id)
+        cut.append(last.id)
+    kept = tuple(turns[start:])
+    return Window(preamble, pinned, kept, tuple(t.id for t in turns[:start]), tuple(cut),
+                  count_tokens(render(preamble, pinned, kept)))

@@ -47,6 +47,9 @@ class MemoryStore(Protocol):
     async def newest(self, conversation_id: str, limit: int) -> list[Turn]:
         """The newest ``limit`` turns of a conversation, oldest first."""
 
+    async def count(self, conversation_id: str) -> int:
+        """How many turns the conversation holds (the window's absolute positions start here)."""
+
     async def reset(self, conversation_id: str) -> int:
         """Delete a conversation's turns; returns how many."""
 
@@ -146,6 +149,14 @@ class SQLiteMemoryStore:
         _check_limit(limit)
         return await self._call(self._newest, conversation_id, limit)
 
+    def _count(self, conversation_id: str) -> int:
+        return int(self._conn.execute("SELECT COUNT(*) FROM turns WHERE conversation_id = ?",
+                                      (conversation_id,)).fetchone()[0])
+
+    async def count(self, conversation_id: str) -> int:
+        check_conversation_id(conversation_id)
+        return await self._call(self._count, conversation_id)
+
     def _delete(self, where: str, arg: Any) -> int:
         with self._conn:
             return self._conn.execute(f"DELETE FROM turns WHERE {where}", (arg,)).rowcount
@@ -197,6 +208,10 @@ class InMemoryStore:
         _check_limit(limit)
         turns = self._turns.get(conversation_id, [])
         return list(turns[-limit:]) if limit else []
+
+    async def count(self, conversation_id: str) -> int:
+        check_conversation_id(conversation_id)
+        return len(self._turns.get(conversation_id, []))
 
     async def reset(self, conversation_id: str) -> int:
         check_conversation_id(conversation_id)

@@ -34,6 +34,7 @@ async def test_append_and_newest_oldest_first(store):
     assert turns[0].id < turns[1].id < turns[2].id
     assert await store.newest("cli:local", 0) == []
     assert await store.newest("cli:other", 5) == []
+    assert await store.count("cli:local") == 5 and await store.count("cli:other") == 0
 
 
 async def test_reset_only_touches_one_conversation(store):
