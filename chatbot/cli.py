@@ -175,6 +175,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """A minimal prompt loop: history lives in this process only."""
+    import time
+
+    from .conversation import Turn, build_window
     from .generation import GenerationRequest, LocalGenerator
     from .prompting import Utterance
 
@@ -183,7 +186,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
     fmt = gen.format
     stops = tuple(fmt.stop_strings([args.name, args.bot_name]))
     interactive = sys.stdin.isatty()
-    history: list[Utterance] = []
+    # History lives in this process only; the window keeps the newest turns that fit the
+    # model's context, measured in its own tokens.
+    history: list[Turn] = []
+    dropped = 0
+    budget = gen.context_size - settings.max_new_tokens
+
+    def render(preamble: str, pinned: Sequence[Utterance], turns: Sequence[Turn]) -> str:
+        return fmt.build_prompt(list(pinned) + [Utterance(t.author, t.text) for t in turns], args.bot_name, preamble)
+
     if interactive:
         print(f"Chatting with {gen.name}. Type a message; Ctrl-D or /quit to leave.")
     while True:
@@ -199,13 +210,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         if text in ("/quit", "/exit"):
             break
-        history.append(Utterance(args.name, text))
-        # Keep the newest turns that fit the context; the conversation engine replaces
-        # this with its token-budgeted window.
-        budget = gen.context_size - settings.max_new_tokens
-        while len(history) > 1 and gen.count_tokens(fmt.build_prompt(history, args.bot_name)) > budget:
-            history.pop(0)
-        request = GenerationRequest(fmt.build_prompt(history, args.bot_name), settings, stops)
+        history.append(Turn("cli:local", args.name, "user", text, time.time(), dropped + len(history)))
+        window = build_window(history, render=render, count_tokens=gen.count_tokens, budget=budget,
+                              first_position=dropped)
+        dropped += len(window.dropped)
+        history = list(window.turns)
+        request = GenerationRequest(render("", (), history), settings, stops)
         if interactive:
             print(f"{args.bot_name}> ", end="", flush=True)
             reply = ""
@@ -216,7 +226,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         else:
             reply = gen.generate([request])[0].text
             print(reply, flush=True)
-        history.append(Utterance(args.bot_name, reply))
+        history.append(Turn("cli:local", args.bot_name, "bot", reply, time.time(), dropped + len(history)))
     return 0
 
 
