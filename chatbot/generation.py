@@ -8,9 +8,11 @@ stays cheap (`python bot.py --help` does not load torch).
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +62,45 @@ class DecodingSettings(BaseModel):
         return self.temperature == 0.0
 
 
+def _overrides_model() -> type[BaseModel]:
+    from typing import Optional
+
+    from pydantic import create_model
+    from pydantic.fields import FieldInfo
+
+    # Same fields and limits as DecodingSettings, each optional: built from it so the
+    # two can never disagree about what a valid value is.
+    fields: dict[str, Any] = {
+        name: (Optional[info.annotation], FieldInfo.merge_field_infos(info, default=None))
+        for name, info in DecodingSettings.model_fields.items()
+    }
+    return create_model("DecodingOverrides", __config__=ConfigDict(extra="forbid", frozen=True), **fields)
+
+
+DecodingOverrides = _overrides_model()
+"""Some decoding settings to put on top of a preset; only the keys given count (``seed = None`` included)."""
+
+
+def apply_overrides(base: DecodingSettings, overrides: BaseModel | None) -> DecodingSettings:
+    """``base`` with the fields set in ``overrides`` replaced."""
+    given = overrides.model_dump(exclude_unset=True) if overrides is not None else {}
+    return DecodingSettings(**{**base.model_dump(), **given}) if given else base
+
+
+def make_overrides(value: Any) -> BaseModel | None:
+    """A `DecodingOverrides` from None, a dict or an overrides object; errors name the key."""
+    if value is None or isinstance(value, DecodingOverrides):
+        return value
+    if isinstance(value, DecodingSettings):
+        return DecodingOverrides(**value.model_dump())
+    if not isinstance(value, dict):
+        raise ChatbotError(f"decoding overrides must be a dict, got {type(value).__name__}")
+    try:
+        return DecodingOverrides(**value)
+    except ValidationError as err:
+        raise ChatbotError(settings_error_message(err)) from None
+
+
 def make_decoding_settings(**values: Any) -> DecodingSettings:
     """Build `DecodingSettings`, turning validation errors into a `ChatbotError`."""
     try:
@@ -104,11 +145,23 @@ class GenerationResult:
 class Generator(Protocol):
     """What the engine needs from a reply generator; `LocalGenerator` is the transformers one."""
 
+    name: str
+    format: Any
+    """The `PromptFormat` the model was trained with."""
+    context_size: int
+    """Most tokens the model attends to: prompt plus reply."""
+
+    def count_tokens(self, text: str) -> int:
+        """Length of ``text`` in the model's tokens; safe to call from any thread."""
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """One result per request, in order; the text excludes the prompt and stops before any stop string."""
 
     def stream(self, request: GenerationRequest) -> Iterator[str]:
-        """The reply of one request in pieces whose concatenation is the reply."""
+        """The reply of one request in pieces whose concatenation is the reply.
+
+        Closing the iterator early stops the generation.
+        """
 
 
 def pick_device(device: str = "auto") -> str:
@@ -221,6 +274,12 @@ class LocalGenerator:
         self.format = make_format(format_name_for_model(name, model.config), tokenizer.eos_token)
         self.context_size = int(getattr(model.config, "n_positions", 1024))
         self._begin_suppress: list[int] | None = None
+        # Counting runs on other threads than generation (the engine builds windows off
+        # the event loop), and a fast tokenizer switches its padding/truncation state on
+        # each batched call, which fails ("Already borrowed") under concurrent use. So
+        # counting gets its own copy, used under its own lock.
+        self._counter = copy.deepcopy(tokenizer)
+        self._counter_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
@@ -234,7 +293,8 @@ class LocalGenerator:
         return self.model.device
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        with self._counter_lock:
+            return len(self._counter(text, add_special_tokens=False)["input_ids"])
 
     def _blank_start_ids(self) -> list[int]:
         """Tokens that would make the reply empty if generated first.
@@ -319,11 +379,16 @@ class LocalGenerator:
         runs in a worker thread; text that could be the beginning of a stop string is
         held back until the next piece shows whether it is one. A reply cut by the token
         limit is not trimmed back to its last sentence as `generate` does: that text has
-        already been shown.
+        already been shown. Closing the iterator early stops the generation at the next
+        token.
         """
-        import threading
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-        from transformers import TextIteratorStreamer
+        closed = threading.Event()
+
+        class _Closed(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
+                return closed.is_set()
 
         stops = list(request.stop_strings) + [self.tokenizer.eos_token]
         enc, kwargs = self._prepare([request.prompt], request.settings, request.stop_strings)
@@ -335,7 +400,8 @@ class LocalGenerator:
 
             try:
                 with torch.inference_mode():
-                    self.model.generate(**enc, **kwargs, streamer=streamer)
+                    self.model.generate(**enc, **kwargs, streamer=streamer,
+                                        stopping_criteria=StoppingCriteriaList([_Closed()]))
             except BaseException as err:  # handed to the consumer below
                 failure.append(err)
                 streamer.end()
@@ -359,6 +425,7 @@ class LocalGenerator:
                         yield out
                     sent = safe
         finally:
+            closed.set()
             worker.join()
         if failure:
             raise failure[0]

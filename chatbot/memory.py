@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -18,7 +19,7 @@ from typing import Any, Protocol
 from .conversation import ROLES, Role, Turn, check_author, check_conversation_id
 from .errors import ChatbotError
 
-__all__ = ["MemoryStore", "SQLiteMemoryStore", "InMemoryStore", "MAX_TURN_CHARS"]
+__all__ = ["MemoryStore", "SQLiteMemoryStore", "InMemoryStore", "open_store", "export_json", "MAX_TURN_CHARS"]
 
 MAX_TURN_CHARS = 20_000
 """Longest text one stored turn may hold; the engine caps user input well below this."""
@@ -35,6 +36,12 @@ CREATE TABLE IF NOT EXISTS turns (
 );
 CREATE INDEX IF NOT EXISTS turns_by_conversation ON turns (conversation_id, id);
 CREATE INDEX IF NOT EXISTS turns_by_author ON turns (author);
+CREATE TABLE IF NOT EXISTS options (
+    conversation_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (conversation_id, key)
+);
 """
 
 
@@ -62,6 +69,12 @@ class MemoryStore(Protocol):
     async def expire(self, older_than_seconds: float) -> int:
         """Delete turns older than this many seconds; returns how many."""
 
+    async def get_options(self, conversation_id: str) -> dict[str, str]:
+        """Per-conversation choices (persona, preset) that outlive a restart; `reset` keeps them."""
+
+    async def set_option(self, conversation_id: str, key: str, value: str | None) -> None:
+        """Store one option, or remove it when ``value`` is None."""
+
     async def close(self) -> None:
         """Release the store's resources."""
 
@@ -82,8 +95,15 @@ def _check_limit(limit: int) -> None:
         raise ChatbotError(f"`limit` must be a non-negative integer, got {limit!r}")
 
 
-def _export(conversation_id: str, turns: list[Turn]) -> dict[str, Any]:
-    return {"conversation_id": conversation_id, "exported_at": time.time(),
+def _check_option(key: str, value: str | None) -> None:
+    if not isinstance(key, str) or not re.fullmatch(r"[a-z][a-z0-9_]{0,39}", key):
+        raise ChatbotError(f"option names are short lowercase words, got {key!r}")
+    if value is not None and (not isinstance(value, str) or len(value) > 1000):
+        raise ChatbotError(f"option `{key}` must be a string of at most 1000 characters, got {value!r}")
+
+
+def _export(conversation_id: str, turns: list[Turn], options: dict[str, str]) -> dict[str, Any]:
+    return {"conversation_id": conversation_id, "exported_at": time.time(), "options": options,
             "turns": [t.to_json() for t in turns]}
 
 
@@ -174,10 +194,36 @@ class SQLiteMemoryStore:
             raise ChatbotError(f"`older_than_seconds` must be greater than 0, got {older_than_seconds!r}")
         return await self._call(self._delete, "created_at < ?", time.time() - older_than_seconds)
 
+    def _get_options(self, conversation_id: str) -> dict[str, str]:
+        rows = self._conn.execute("SELECT key, value FROM options WHERE conversation_id = ? ORDER BY key",
+                                  (conversation_id,)).fetchall()
+        return dict(rows)
+
+    async def get_options(self, conversation_id: str) -> dict[str, str]:
+        check_conversation_id(conversation_id)
+        return await self._call(self._get_options, conversation_id)
+
+    def _set_option(self, conversation_id: str, key: str, value: str | None) -> None:
+        with self._conn:
+            if value is None:
+                self._conn.execute("DELETE FROM options WHERE conversation_id = ? AND key = ?", (conversation_id, key))
+            else:
+                self._conn.execute("INSERT OR REPLACE INTO options (conversation_id, key, value) VALUES (?, ?, ?)",
+                                   (conversation_id, key, value))
+
+    async def set_option(self, conversation_id: str, key: str, value: str | None) -> None:
+        check_conversation_id(conversation_id)
+        _check_option(key, value)
+        await self._call(self._set_option, conversation_id, key, value)
+
     async def export(self, conversation_id: str) -> dict[str, Any]:
         check_conversation_id(conversation_id)
-        turns = await self._call(self._newest, conversation_id, -1)
-        return _export(conversation_id, turns)
+
+        def _both() -> tuple[list[Turn], dict[str, str]]:
+            return self._newest(conversation_id, -1), self._get_options(conversation_id)
+
+        turns, options = await self._call(_both)
+        return _export(conversation_id, turns, options)
 
     async def close(self) -> None:
         def _close() -> None:
@@ -194,6 +240,7 @@ class InMemoryStore:
 
     def __init__(self) -> None:
         self._turns: dict[str, list[Turn]] = {}
+        self._options: dict[str, dict[str, str]] = {}
         self._next_id = 1
 
     async def append(self, conversation_id: str, author: str, role: Role, text: str) -> Turn:
@@ -237,9 +284,22 @@ class InMemoryStore:
             self._turns[cid] = kept
         return removed
 
+    async def get_options(self, conversation_id: str) -> dict[str, str]:
+        check_conversation_id(conversation_id)
+        return dict(sorted(self._options.get(conversation_id, {}).items()))
+
+    async def set_option(self, conversation_id: str, key: str, value: str | None) -> None:
+        check_conversation_id(conversation_id)
+        _check_option(key, value)
+        if value is None:
+            self._options.get(conversation_id, {}).pop(key, None)
+        else:
+            self._options.setdefault(conversation_id, {})[key] = value
+
     async def export(self, conversation_id: str) -> dict[str, Any]:
         check_conversation_id(conversation_id)
-        return _export(conversation_id, list(self._turns.get(conversation_id, [])))
+        return _export(conversation_id, list(self._turns.get(conversation_id, [])),
+                       await self.get_options(conversation_id))
 
     async def close(self) -> None:
         return None
@@ -248,3 +308,10 @@ class InMemoryStore:
 def export_json(data: dict[str, Any]) -> str:
     """An export as pretty JSON text (what a user downloads)."""
     return json.dumps(data, indent=2, ensure_ascii=False)
+
+
+def open_store(path: str | Path) -> "SQLiteMemoryStore | InMemoryStore":
+    """The store a settings value names: ``:memory:`` for a throwaway one, else a SQLite file."""
+    if str(path) == ":memory:":
+        return InMemoryStore()
+    return SQLiteMemoryStore(path)

@@ -1,0 +1,185 @@
+"""Settings: typed, in one place, read from a TOML file and the environment.
+
+Precedence, lowest first: the defaults below, the TOML file, then environment variables
+(``CHATBOT_<FIELD>``, ``CHATBOT_DECODING__<FIELD>`` for a decoding override, and
+``DISCORD_TOKEN``). Every key is checked: a misspelt key in the file or a misspelt
+``CHATBOT_`` variable is an error that names it, never a silently ignored default.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from .errors import ChatbotError, settings_error_message
+from .generation import PRESETS, DecodingOverrides, DecodingSettings, apply_overrides
+from .memory import MAX_TURN_CHARS
+from .prompting import PROMPTS_DIR
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["Settings", "ENV_PREFIX", "DEFAULT_CONFIG_FILE"]
+
+ENV_PREFIX = "CHATBOT_"
+DEFAULT_CONFIG_FILE = "chatbot.toml"
+"""Read from the working directory when no file is named."""
+
+
+class Settings(BaseModel):
+    """Everything the engine and its faces can be told. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    model: str | None = None
+    """Model directory, or a hub name already in the local cache; empty means the shipped model."""
+    device: str = "auto"
+    """``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:1`` or ``mps``."""
+    allow_download: bool = False
+    """Fetch a hub model that is not cached (needs network)."""
+    memory_path: str = "chatbot.sqlite3"
+    """SQLite file that holds every conversation; ``:memory:`` keeps them in this process only."""
+    persona: str = "friendly"
+    """Persona used by conversations that have not chosen one (a file name in ``prompts_dir``)."""
+    prompts_dir: Path = PROMPTS_DIR
+    """Folder of persona files."""
+    preset: str | None = None
+    """Decoding preset for conversations that have not chosen one; empty means the persona's own."""
+    decoding: DecodingOverrides = Field(default_factory=DecodingOverrides)  # type: ignore[valid-type]
+    """Decoding settings that override the preset, e.g. ``{temperature = 0.6, max_new_tokens = 60}``."""
+    window_chunk: int = Field(8, ge=1, le=256)
+    """Old turns leave the window this many at a time, so the prompt's prefix stays stable between replies."""
+    max_history_turns: int = Field(256, ge=1, le=10_000)
+    """Newest turns read from memory to build a window (the window then keeps those that fit)."""
+    max_input_chars: int = Field(2000, ge=1, le=MAX_TURN_CHARS)
+    """Longest message accepted, in characters; longer ones are refused with a message saying so."""
+    max_waiting_per_conversation: int = Field(8, ge=1, le=1000)
+    """Messages that may queue behind a conversation's current reply before new ones are turned away."""
+    expire_after_days: float | None = Field(None, gt=0)
+    """Delete turns older than this many days (checked at start and hourly); empty keeps everything."""
+    fallback_reply: str = Field("Sorry, I lost my train of thought. Could you say that another way?",
+                                min_length=1, max_length=500)
+    """What the bot says when the model produces nothing usable."""
+    discord_token: SecretStr | None = None
+    """Bot token for the Discord face (also read from ``DISCORD_TOKEN``); never logged or printed."""
+
+    @field_validator("model", "preset", "expire_after_days", "discord_token", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        kind = value.split(":", 1)[0]
+        if kind not in ("auto", "cpu", "cuda", "mps"):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, value: str | None) -> str | None:
+        if value is not None and value not in PRESETS:
+            raise ValueError(f"must be one of {', '.join(PRESETS)}")
+        return value
+
+    @field_validator("persona")
+    @classmethod
+    def _persona_name(cls, value: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,39}", value):
+            raise ValueError("must be a persona file name such as 'friendly'")
+        return value
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None,
+             **overrides: Any) -> "Settings":
+        """Defaults, then the TOML file (``path``, else ``chatbot.toml`` if present), then the environment, then ``overrides``."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            values.update(_read_toml(Path(path)))
+        elif Path(DEFAULT_CONFIG_FILE).is_file():
+            values.update(_read_toml(Path(DEFAULT_CONFIG_FILE)))
+        _merge(values, _from_env(os.environ if env is None else env))
+        _merge(values, {k: v for k, v in overrides.items() if v is not None})
+        return cls.make(values, source=str(path) if path else None)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> "Settings":
+        """Settings from one TOML file (and the environment, which overrides it)."""
+        return cls.load(path)
+
+    @classmethod
+    def make(cls, values: Mapping[str, Any], *, source: str | None = None) -> "Settings":
+        """Validate ``values``; a problem is a `ChatbotError` naming the key (and the file)."""
+        try:
+            return cls(**values)
+        except ValidationError as err:
+            where = f"{source}: " if source else ""
+            raise ChatbotError(f"{where}{settings_error_message(err)}") from None
+
+    def decoding_settings(self, preset: str) -> DecodingSettings:
+        """The named preset with this configuration's ``decoding`` overrides on top."""
+        return apply_overrides(PRESETS[preset], self.decoding)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ChatbotError(f"{path}: no such settings file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ChatbotError(f"{path}: cannot read ({err})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ChatbotError(f"{path}: not valid TOML ({err})") from None
+
+
+def _merge(into: dict[str, Any], new: Mapping[str, Any]) -> None:
+    for key, value in new.items():
+        if key == "decoding" and isinstance(value, Mapping) and isinstance(into.get("decoding"), Mapping):
+            # The environment overrides single decoding keys, not the whole table.
+            into["decoding"] = {**into["decoding"], **value}
+        else:
+            into[key] = value
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """Settings named by environment variables.
+
+    Written by hand rather than with pydantic-settings because that library skips
+    unknown prefixed variables, and a misspelt ``CHATBOT_PERSONNA`` must be an error.
+    """
+    fields = Settings.model_fields
+    decoding_fields = DecodingSettings.model_fields
+    values: dict[str, Any] = {}
+    for name, raw in env.items():
+        if name == "DISCORD_TOKEN" and f"{ENV_PREFIX}DISCORD_TOKEN" not in env:
+            values["discord_token"] = raw
+            continue
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        if key.startswith("decoding__"):
+            sub = key[len("decoding__"):]
+            if sub not in decoding_fields:
+                raise ChatbotError(f"environment variable {name}: `decoding.{sub}` is not a known setting")
+            values.setdefault("decoding", {})[sub] = None if raw.strip() in ("", "none") else raw
+        elif key in fields and key != "decoding":
+            values[key] = raw
+        elif key == "config":
+            continue  # names the settings file itself; read by the command line
+        elif key == "decoding":
+            raise ChatbotError(f"environment variable {name}: set one decoding key at a time, "
+                               f"e.g. {ENV_PREFIX}DECODING__TEMPERATURE=0.6")
+        else:
+            raise ChatbotError(f"environment variable {name}: `{key}` is not a known setting")
+    return values
