@@ -16,35 +16,40 @@ from .errors import ChatbotError
 log = logging.getLogger(__name__)
 
 
-def _add_decoding_options(p: argparse.ArgumentParser, *, temperature: float = 0.8) -> None:
-    g = p.add_argument_group("decoding")
-    g.add_argument("--temperature", type=float, default=temperature,
-                   help="sampling temperature, 0 for greedy decoding (default %(default)s)")
-    g.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens, 0 = off (default %(default)s)")
-    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass in (0, 1], 1 = off (default %(default)s)")
-    g.add_argument("--max-new-tokens", type=int, default=40, help="longest reply in tokens (default %(default)s)")
-    g.add_argument("--repetition-penalty", type=float, default=1.1,
-                   help="divide logits of tokens already seen by this, 1 = off (default %(default)s)")
-    g.add_argument("--no-repeat-ngram-size", type=int, default=3,
-                   help="never repeat an n-gram of this size, 0 = off (default %(default)s)")
-    g.add_argument("--max-time", type=float, default=20.0, help="seconds allowed per reply (default %(default)s)")
-    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling (default: random; 0 for evaluate)")
+DECODING_OPTIONS = ("temperature", "top_k", "top_p", "max_new_tokens", "repetition_penalty", "no_repeat_ngram_size",
+                    "max_time", "seed")
 
 
-def _decoding(args: argparse.Namespace) -> Any:
-    from .generation import make_decoding_settings
+def _add_decoding_options(p: argparse.ArgumentParser, *, preset_help: str) -> None:
+    from .generation import PRESETS
 
-    return make_decoding_settings(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-        repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-        max_time=args.max_time, seed=args.seed,
-    )
+    g = p.add_argument_group("decoding", "Each option overrides the one in the preset; unset ones come from it.")
+    g.add_argument("--preset", default=None, choices=list(PRESETS), help=preset_help)
+    g.add_argument("--temperature", type=float, help="sampling temperature, 0 for greedy decoding")
+    g.add_argument("--top-k", type=int, help="sample among the k most likely tokens, 0 = off")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1], 1 = off")
+    g.add_argument("--max-new-tokens", type=int, help="longest reply in tokens")
+    g.add_argument("--repetition-penalty", type=float, help="divide logits of tokens already seen by this, 1 = off")
+    g.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram of this size, 0 = off")
+    g.add_argument("--max-time", type=float, help="seconds allowed per reply")
+    g.add_argument("--seed", type=int, help="seed for reproducible sampling (default: random)")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The decoding options given on the command line (the others stay as the preset has them)."""
+    return {name: getattr(args, name) for name in DECODING_OPTIONS if getattr(args, name) is not None}
+
+
+def _decoding(args: argparse.Namespace, default_preset: str = "balanced") -> Any:
+    from .generation import apply_overrides, get_preset, make_overrides
+
+    return apply_overrides(get_preset(args.preset or default_preset), make_overrides(_overrides(args)))
 
 
 def _model_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="model directory, or a hub name already in the local cache (default: the shipped model)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (default)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, or auto (default)")
     p.add_argument("--allow-download", action="store_true",
                    help="fetch a hub model that is not in the local cache (needs network; off by default)")
 
@@ -98,20 +103,32 @@ def build_parser() -> argparse.ArgumentParser:
     _model_option(e)
     e.add_argument("--data", default=None, help="score on this corpus instead of the one recorded in the model")
     e.add_argument("--samples", type=int, default=5, help="how many fixed prompts to answer (default %(default)s)")
-    _add_decoding_options(e)
+    _add_decoding_options(e, preset_help="decoding preset (default balanced, with seed 0)")
 
     g = sub.add_parser("generate", parents=[common], help="continue a prompt", description="Print the model's continuation of PROMPT.")
     _model_option(g)
     g.add_argument("prompt", help="text to continue")
     g.add_argument("--raw", action="store_true",
                    help="continue the text as it is; by default PROMPT is a chat message and the reply is printed")
-    _add_decoding_options(g)
+    _add_decoding_options(g, preset_help="decoding preset (default balanced)")
 
-    c = sub.add_parser("chat", parents=[common], help="talk to the model in the terminal (reads lines from stdin when piped)")
+    c = sub.add_parser("chat", parents=[common], help="talk to the bot in the terminal; it remembers across runs",
+                       description="A conversation with the engine: what is said is stored (SQLite, see --memory) and "
+                                   "the bot remembers it the next time. Reads lines from stdin when piped and prints "
+                                   "one line per line read. Inside the chat, /help lists the commands.")
+    c.add_argument("--config", default=None,
+                   help="settings file (TOML); default: chatbot.toml in this folder if there is one")
     _model_option(c)
-    c.add_argument("--name", default="User", help="your speaker name (default %(default)s)")
-    c.add_argument("--bot-name", default="Bot", help="the bot's speaker name (default %(default)s)")
-    _add_decoding_options(c)
+    c.add_argument("--memory", default=None, help="SQLite file for conversations, ':memory:' to forget on exit "
+                                                  "(default: the settings' memory_path, chatbot.sqlite3)")
+    c.add_argument("--conversation", default="cli:local",
+                   help="conversation id, 'scope:key' (default %(default)s); each id has its own memory")
+    c.add_argument("--persona", default=None,
+                   help="persona for this conversation, kept for later runs (see /persona); default: the settings'")
+    c.add_argument("--name", default="User", help="your name in the conversation (default %(default)s)")
+    c.add_argument("--reset", action="store_true", help="forget this conversation before starting")
+    _add_decoding_options(c, preset_help="decoding preset for this conversation, kept for later runs "
+                                         "(default: the persona's)")
     return parser
 
 
@@ -147,7 +164,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if settings.seed is None:
         # Fixed prompts with a fixed seed, so two models (or two runs) compare like for like.
         settings = settings.model_copy(update={"seed": 0})
-    report = evaluate(args.model, data=args.data, samples=args.samples, settings=settings, device=args.device,
+    report = evaluate(args.model, data=args.data, samples=args.samples, settings=settings, device=args.device or "auto",
                       allow_download=args.allow_download)
     print(f"model: {report.model}")
     print(f"validation perplexity {report.val_perplexity:.2f} on {report.tokens:,} tokens "
@@ -162,7 +179,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .prompting import Utterance
 
     settings = _decoding(args)
-    gen = LocalGenerator.from_pretrained(args.model, device=args.device, allow_download=args.allow_download)
+    gen = LocalGenerator.from_pretrained(args.model, device=args.device or "auto", allow_download=args.allow_download)
     if args.raw:
         request = GenerationRequest(args.prompt, settings)
     else:
@@ -174,60 +191,156 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    """A minimal prompt loop: history lives in this process only."""
-    import time
+    from .config import Settings
 
-    from .conversation import Turn, build_window
-    from .generation import GenerationRequest, LocalGenerator
-    from .prompting import Utterance
+    settings = Settings.load(
+        args.config, model=args.model, device=args.device, allow_download=args.allow_download or None,
+        memory_path=args.memory, decoding=_overrides(args) or None,
+    )
+    return run_chat(settings, conversation_id=args.conversation, name=args.name, persona=args.persona,
+                    preset=args.preset, reset=args.reset)
 
-    settings = _decoding(args)
-    gen = LocalGenerator.from_pretrained(args.model, device=args.device, allow_download=args.allow_download)
-    fmt = gen.format
-    stops = tuple(fmt.stop_strings([args.name, args.bot_name]))
+
+CHAT_HELP = """commands:
+  /help            this list
+  /reset           forget this conversation (persona and preset choices stay)
+  /persona         list personas; /persona NAME talks to another one from now on
+  /preset          list decoding presets; /preset NAME switches; /preset default goes back to the persona's
+  /quit            leave (Ctrl-D works too)"""
+
+
+def run_chat(settings: Any, *, conversation_id: str, name: str, persona: str | None = None,
+             preset: str | None = None, reset: bool = False) -> int:
+    """The terminal conversation, on the engine and its persistent memory.
+
+    Interactive, replies stream in as they are generated and Ctrl-C stops a reply. Piped,
+    every line read gives exactly one line out (the reply, or a note in parentheses for
+    a command or a refused message), so a script can pair them up.
+    """
+    import asyncio
+
+    from .conversation import check_author, check_conversation_id
+    from .engine import ChatEngine
+
+    check_conversation_id(conversation_id)
+    check_author(name)
     interactive = sys.stdin.isatty()
-    # History lives in this process only; the window keeps the newest turns that fit the
-    # model's context, measured in its own tokens.
-    history: list[Turn] = []
-    dropped = 0
-    budget = gen.context_size - settings.max_new_tokens
+    engine = ChatEngine.from_settings(settings)
+    loop = asyncio.new_event_loop()
 
-    def render(preamble: str, pinned: Sequence[Utterance], turns: Sequence[Turn]) -> str:
-        return fmt.build_prompt(list(pinned) + [Utterance(t.author, t.text) for t in turns], args.bot_name, preamble)
+    def run(coro: Any) -> Any:
+        return loop.run_until_complete(coro)
 
-    if interactive:
-        print(f"Chatting with {gen.name}. Type a message; Ctrl-D or /quit to leave.")
-    while True:
-        try:
-            line = input(f"{args.name}> " if interactive else "")
-        except EOFError:
-            break
-        except KeyboardInterrupt:
-            print()
-            break
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/quit", "/exit"):
-            break
-        history.append(Turn("cli:local", args.name, "user", text, time.time(), dropped + len(history)))
-        window = build_window(history, render=render, count_tokens=gen.count_tokens, budget=budget,
-                              first_position=dropped)
-        dropped += len(window.dropped)
-        history = list(window.turns)
-        request = GenerationRequest(render("", (), history), settings, stops)
+    try:
+        if reset:
+            run(engine.reset(conversation_id))
+        if persona is not None:
+            run(engine.set_persona(conversation_id, persona))
+        if preset is not None:
+            run(engine.set_preset(conversation_id, preset))
         if interactive:
-            print(f"{args.bot_name}> ", end="", flush=True)
-            reply = ""
-            for piece in gen.stream(request):
-                reply += piece
-                print(piece, end="", flush=True)
-            print()
-        else:
-            reply = gen.generate([request])[0].text
-            print(reply, flush=True)
-        history.append(Turn("cli:local", args.bot_name, "bot", reply, time.time(), dropped + len(history)))
+            _greet(run, engine, settings, conversation_id, name)
+        while True:
+            try:
+                line = input(f"{name}> " if interactive else "")
+            except EOFError:
+                break
+            except KeyboardInterrupt:
+                print()
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text.startswith("/"):
+                out = _chat_command(run, engine, conversation_id, text)
+                if out is None:
+                    break
+                print(out, flush=True)
+                continue
+            try:
+                if interactive:
+                    _stream_reply(loop, engine, conversation_id, name, text)
+                else:
+                    print(run(engine.respond(conversation_id, name, text)).text, flush=True)
+            except ChatbotError as err:
+                # A refused message, a busy conversation or a failed reply: say so and go on.
+                print(f"({err})", flush=True)
+    finally:
+        run(engine.close())
+        loop.close()
     return 0
+
+
+def _greet(run: Any, engine: Any, settings: Any, conversation_id: str, name: str) -> None:
+    persona, preset = run(engine.choices(conversation_id))
+    earlier = run(engine.history(conversation_id, 4))
+    total = run(engine.count(conversation_id))
+    where = "kept in this run only" if settings.memory_path == ":memory:" else f"kept in {settings.memory_path}"
+    print(f"Talking to {persona.speaker} (persona {persona.name}, preset {preset}) in {conversation_id}; "
+          f"{total} earlier turns, {where}.")
+    for turn in earlier:
+        print(f"  {turn.author}: {turn.text}")
+    print("/help lists commands; Ctrl-D or /quit leaves.")
+
+
+def _stream_reply(loop: Any, engine: Any, conversation_id: str, name: str, text: str) -> None:
+    import asyncio
+
+    async def show() -> None:
+        stream = engine.stream(conversation_id, name, text)
+        started = False
+        async for piece in stream:
+            if not started:
+                persona, _ = await engine.choices(conversation_id)
+                print(f"{persona.speaker}> ", end="", flush=True)
+                started = True
+            print(piece, end="", flush=True)
+        print()
+
+    task = loop.create_task(show())
+    try:
+        loop.run_until_complete(task)
+    except KeyboardInterrupt:
+        # Stop this reply, not the chat: cancelling the task closes the stream, which
+        # stops the model at its next token (the user's turn stays stored).
+        task.cancel()
+        try:
+            loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            pass
+        print(" (stopped)")
+
+
+def _chat_command(run: Any, engine: Any, conversation_id: str, text: str) -> str | None:
+    """Run one /command; returns what to print, or None to leave."""
+    from .generation import PRESETS
+
+    command, _, arg = text.partition(" ")
+    arg = arg.strip()
+    try:
+        if command in ("/quit", "/exit"):
+            return None
+        if command == "/help":
+            return CHAT_HELP
+        if command == "/reset":
+            removed = run(engine.reset(conversation_id))
+            return f"(forgot {removed} turns of {conversation_id})"
+        if command == "/persona":
+            if not arg:
+                current, _ = run(engine.choices(conversation_id))
+                return "(personas: " + ", ".join(
+                    f"{n}{' *' if n == current.name else ''} ({p.speaker})" for n, p in engine.personas().items()) + ")"
+            chosen = run(engine.set_persona(conversation_id, arg))
+            return f"(now talking to {chosen.speaker}, persona {chosen.name})"
+        if command == "/preset":
+            if not arg:
+                _, current = run(engine.choices(conversation_id))
+                return "(presets: " + ", ".join(f"{n}{' *' if n == current else ''}" for n in PRESETS) + ")"
+            chosen = run(engine.set_preset(conversation_id, None if arg == "default" else arg))
+            return f"(decoding preset {chosen})"
+    except ChatbotError as err:
+        return f"({err})"
+    return f"(unknown command {command}; /help lists them)"
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "chat": cmd_chat}

@@ -103,15 +103,23 @@ class Settings(BaseModel):
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None,
              **overrides: Any) -> "Settings":
-        """Defaults, then the TOML file (``path``, else ``chatbot.toml`` if present), then the environment, then ``overrides``."""
+        """Defaults, then a TOML file, then the environment, then ``overrides`` (None values skipped).
+
+        The file is ``path``, else the one ``CHATBOT_CONFIG`` names, else ``chatbot.toml``
+        in the working directory if there is one.
+        """
+        env = os.environ if env is None else env
         values: dict[str, Any] = {}
+        if path is None and env.get(f"{ENV_PREFIX}CONFIG"):
+            path = env[f"{ENV_PREFIX}CONFIG"]
+        if path is None and Path(DEFAULT_CONFIG_FILE).is_file():
+            path = DEFAULT_CONFIG_FILE
         if path is not None:
             values.update(_read_toml(Path(path)))
-        elif Path(DEFAULT_CONFIG_FILE).is_file():
-            values.update(_read_toml(Path(DEFAULT_CONFIG_FILE)))
-        _merge(values, _from_env(os.environ if env is None else env))
+            cls.make(values, source=str(path))  # so a mistake in the file is reported with its name
+        _merge(values, _from_env(env))
         _merge(values, {k: v for k, v in overrides.items() if v is not None})
-        return cls.make(values, source=str(path) if path else None)
+        return cls.make(values)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> "Settings":

@@ -125,7 +125,7 @@ class SQLiteMemoryStore:
                 raise ChatbotError(f"{self.path} was written by a newer version (schema {version}); upgrade first")
             self._conn.executescript(_SCHEMA)
             self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except sqlite3.DatabaseError as err:
+        except (sqlite3.DatabaseError, OSError) as err:
             raise ChatbotError(f"cannot open the memory database {self.path}: {err}") from None
         self._lock = threading.Lock()
         self._closed = False

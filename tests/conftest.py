@@ -59,3 +59,15 @@ def tiny_dir(tmp_path, tiny_model, tiny_tokenizer):
     tiny_model.save_pretrained(out)
     tiny_tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture()
+def tiny_prompts(tmp_path):
+    """Two short personas that fit the tiny model's 64-token context."""
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    (folder / "tester.toml").write_text('name = "tester"\nspeaker = "Bot"\ndescription = "Bot is kind."\n'
+                                        'preset = "greedy"\n', encoding="utf-8")
+    (folder / "other.toml").write_text('name = "other"\nspeaker = "Pip"\npreset = "balanced"\n'
+                                       '[[examples]]\nuser = "hi"\nbot = "yo"\n', encoding="utf-8")
+    return folder

@@ -48,14 +48,31 @@ def test_replies_to_small_talk_are_plausible_turns(shipped, seed):
         assert result.finish_reason in ("stop", "length")
 
 
-def test_piped_chat_prints_one_reply_per_line():
+def chat(tmp_path, lines, *argv):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "bot.py", "chat", "--seed", "0"], input="hi\nwhat is your name?\n",
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    env.pop("CHATBOT_PERSONA", None)
+    return subprocess.run([sys.executable, str(ROOT / "bot.py"), "chat", "--seed", "0", *argv], input=lines,
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+
+
+def test_piped_chat_prints_one_reply_per_line_and_remembers_across_runs(tmp_path):
+    proc = chat(tmp_path, "hi\nmy name is ada and i love hiking\n")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) == 2 and all(line.strip() for line in lines)
     assert proc.stderr == ""
+
+    # A second run of the program continues the same conversation from chatbot.sqlite3.
+    proc = chat(tmp_path, "/persona playful\nwhat do i love?\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == "(now talking to Pip, persona playful)"
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "chatbot.sqlite3") as db:
+        rows = db.execute("SELECT author, role, text FROM turns WHERE conversation_id = 'cli:local' ORDER BY id").fetchall()
+    assert [r[1] for r in rows] == ["user", "bot"] * 3
+    assert rows[2][2] == "my name is ada and i love hiking" and rows[4][2] == "what do i love?"
+    assert [r[0] for r in rows[1::2]] == ["Sam", "Sam", "Pip"]
 
 
 def test_unavailable_hub_model_is_one_line_error():

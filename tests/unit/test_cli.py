@@ -47,13 +47,67 @@ def test_generate_prints_a_reply(capsys, tiny_dir):
     assert code == 0 and len(out.splitlines()) == 1
 
 
-def test_chat_reads_piped_lines_and_prints_one_reply_each(capsys, monkeypatch, tiny_dir):
+@pytest.fixture()
+def chat_env(monkeypatch, tmp_path, tiny_prompts):
+    """Run chat in a clean folder, on short personas that fit the tiny model."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CHATBOT_PROMPTS_DIR", str(tiny_prompts))
+    monkeypatch.setenv("CHATBOT_PERSONA", "tester")
+    return tmp_path
+
+
+def chat(capsys, monkeypatch, tiny_dir, lines, *argv):
     import io
 
-    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n\nwhat is your name?\n"))
-    code, out, _ = run(capsys, "chat", "--model", str(tiny_dir), "--seed", "3", "--max-new-tokens", "6")
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(f"{line}\n" for line in lines)))
+    return run(capsys, "chat", "--model", str(tiny_dir), "--max-new-tokens", "6", *argv)
+
+
+def test_chat_prints_one_line_per_line_read(capsys, monkeypatch, tiny_dir, chat_env):
+    code, out, err = chat(capsys, monkeypatch, tiny_dir, ["hi", "", "what is your name?", "/persona", "/bogus",
+                                                          "x" * 5000, "/persona other", "and you?"], "--seed", "3")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 7 and all(line.strip() for line in lines)
+    assert lines[2] == "(personas: other (Pip), tester * (Bot))"
+    assert lines[3] == "(unknown command /bogus; /help lists them)"
+    assert lines[4] == "(that message is 5,000 characters long; the limit is 2,000)"
+    assert lines[5] == "(now talking to Pip, persona other)"
+    assert (chat_env / "chatbot.sqlite3").is_file()
+
+
+def test_chat_remembers_across_runs_and_resets(capsys, monkeypatch, tiny_dir, chat_env):
+    assert chat(capsys, monkeypatch, tiny_dir, ["hello", "/persona other"])[0] == 0
+    code, out, _ = chat(capsys, monkeypatch, tiny_dir, ["/persona", "/reset", "/reset"])
     assert code == 0
-    assert len(out.splitlines()) == 2
+    # The persona chosen in the first run is still this conversation's.
+    assert out.splitlines() == ["(personas: other * (Pip), tester (Bot))", "(forgot 2 turns of cli:local)",
+                                "(forgot 0 turns of cli:local)"]
+    # Another conversation id has its own memory; --reset starts it over.
+    chat(capsys, monkeypatch, tiny_dir, ["hi"], "--conversation", "cli:work")
+    code, out, _ = chat(capsys, monkeypatch, tiny_dir, ["/reset"], "--conversation", "cli:work", "--reset")
+    assert out.strip() == "(forgot 0 turns of cli:work)"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--conversation", "my chat"], "error: conversation id must look like 'scope:key'"),
+        (["--persona", "nobody"], "error: unknown persona 'nobody'; available: other, tester"),
+        (["--top-p", "2"], "error: `decoding.top_p` must be less than or equal to 1, got 2.0"),
+        (["--memory", "/proc/no/such.sqlite3"], "error: cannot open the memory database"),
+    ],
+)
+def test_chat_mistakes_are_one_line(capsys, monkeypatch, tiny_dir, chat_env, argv, message):
+    code, out, err = chat(capsys, monkeypatch, tiny_dir, ["hi"], *argv)
+    assert code == 2 and out == ""
+    assert err.startswith(message) and len(err.strip().splitlines()) == 1
+
+
+def test_chat_settings_file_typo_names_the_file(capsys, monkeypatch, tiny_dir, chat_env):
+    (chat_env / "chatbot.toml").write_text("window_chunks = 4\n")
+    code, _, err = chat(capsys, monkeypatch, tiny_dir, ["hi"])
+    assert code == 2 and err.strip() == "error: chatbot.toml: `window_chunks` is not a known setting"
 
 
 def test_help_explains_every_training_option():

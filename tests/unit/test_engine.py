@@ -1,0 +1,340 @@
+"""ChatEngine end to end on a tiny GPT-2: memory, window, personas, concurrency, bad input, failures."""
+
+import asyncio
+import time
+
+import pytest
+
+from chatbot.config import Settings
+from chatbot.conversation import InvalidConversationId
+from chatbot.engine import ChatEngine, EngineBusy, GenerationFailed, InputRejected
+from chatbot.errors import ChatbotError
+from chatbot.generation import GenerationResult, LocalGenerator
+from chatbot.memory import InMemoryStore, SQLiteMemoryStore
+
+FAST = {"max_new_tokens": 6}
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_tokenizer, tmp_path_factory):
+    """A tiny GPT-2 with a 256-token context: room for a few turns, small enough to overflow."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tiny_tokenizer.eos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+                        chatbot_prompt_format="transcript")
+    out = tmp_path_factory.mktemp("engine-gpt2")
+    GPT2LMHeadModel(config).save_pretrained(out)
+    tiny_tokenizer.save_pretrained(out)
+    return LocalGenerator.from_pretrained(out, device="cpu")
+
+
+def make_engine(gen, store, tiny_prompts, **settings):
+    values = {"persona": "tester", "prompts_dir": tiny_prompts, "decoding": FAST, **settings}
+    return ChatEngine(gen, store, Settings(**values))
+
+
+@pytest.fixture()
+async def engine(gen, tiny_prompts):
+    eng = make_engine(gen, InMemoryStore(), tiny_prompts)
+    yield eng
+    await eng.close()
+
+
+def record_prompts(gen, monkeypatch, delay=0.0):
+    """Keep every request the engine sends to the real generator (optionally slowed down)."""
+    seen = []
+    real = gen.generate
+
+    def spy(requests):
+        seen.extend(requests)
+        time.sleep(delay)
+        return real(requests)
+
+    monkeypatch.setattr(gen, "generate", spy)
+    return seen
+
+
+async def test_reply_is_stored_with_metadata(engine, gen, monkeypatch):
+    seen = record_prompts(gen, monkeypatch)
+    reply = await engine.respond("cli:t", "ada", "hi there")
+    turns = await engine.history("cli:t")
+    assert [(t.role, t.author, t.text) for t in turns] == [("user", "ada", "hi there"), ("bot", "Bot", reply.text)]
+    assert reply.text and reply.speaker == "Bot" and reply.persona == "tester"
+    assert (reply.user_turn_id, reply.bot_turn_id) == (turns[0].id, turns[1].id)
+    prompt = seen[0].prompt
+    assert prompt == "Bot is kind.\nada: hi there\nBot:"
+    assert reply.prompt_tokens == gen.count_tokens(prompt)
+    assert 0 < reply.reply_tokens <= 6 and reply.finish_reason in ("stop", "length")
+    # The persona's preset (greedy) with the configured override on top.
+    assert reply.settings.temperature == 0 and reply.settings.max_new_tokens == 6
+    assert reply.window_turns == 1 and reply.dropped_turn_ids == () and reply.cut_turn_ids == ()
+    assert set(reply.timings) == {"queued", "prepare", "generate", "total"}
+    assert reply.timings["total"] >= reply.timings["generate"] > 0
+    assert " ada:" in seen[0].stop_strings and " Bot:" in seen[0].stop_strings
+
+
+async def test_restart_remembers_the_conversation(gen, tiny_prompts, tmp_path, monkeypatch):
+    path = tmp_path / "memory.sqlite3"
+    first = make_engine(gen, SQLiteMemoryStore(path), tiny_prompts)
+    before = await first.respond("cli:t", "ada", "my cat is called pickles")
+    await first.close()
+
+    seen = record_prompts(gen, monkeypatch)
+    second = make_engine(gen, SQLiteMemoryStore(path), tiny_prompts)
+    await second.respond("cli:t", "ada", "what is my cat called?")
+    assert f"ada: my cat is called pickles\nBot: {before.text}\nada: what is my cat called?\nBot:" in seen[0].prompt
+    assert len(await second.history("cli:t")) == 4
+    await second.close()
+
+
+async def test_long_conversation_drops_old_turns_in_chunks_and_keeps_the_persona(engine, gen, monkeypatch):
+    seen = record_prompts(gen, monkeypatch)
+    for i in range(200):
+        await engine.store.append("cli:t", "ada" if i % 2 == 0 else "Bot", "user" if i % 2 == 0 else "bot",
+                                  f"turn number {i}")
+    reply = await engine.respond("cli:t", "ada", "still there?")
+    prompt = seen[-1].prompt
+    assert prompt.startswith("Bot is kind.\n") and prompt.endswith("ada: still there?\nBot:")
+    assert reply.dropped_turn_ids and reply.prompt_tokens <= gen.context_size - 6
+    # All 201 turns were read, so the first kept turn's position is the number dropped:
+    # it sits on a chunk boundary of conversation positions (8 by default).
+    assert len(reply.dropped_turn_ids) % 8 == 0
+    # The next reply keeps the same first turn: the prompt's prefix is stable.
+    again = await engine.respond("cli:t", "ada", "ok")
+    assert again.dropped_turn_ids == reply.dropped_turn_ids
+
+
+async def test_a_giant_message_is_cut_to_fit_not_refused(engine, gen, monkeypatch):
+    seen = record_prompts(gen, monkeypatch)
+    text = " ".join(f"word{i}" for i in range(250))  # 1.9k characters, far over the 256-token context
+    reply = await engine.respond("cli:t", "ada", text)
+    assert reply.cut_turn_ids == (reply.user_turn_id,)
+    assert seen[0].prompt.startswith("Bot is kind.\n") and seen[0].prompt.endswith("word249\nBot:")
+    assert (await engine.history("cli:t"))[0].text == text  # memory keeps the whole message
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t ", "\x00\x1b\u200b\u202e"])
+async def test_empty_messages_are_refused_and_nothing_is_stored(engine, text):
+    with pytest.raises(InputRejected, match="empty"):
+        await engine.respond("cli:t", "ada", text)
+    assert await engine.count("cli:t") == 0
+
+
+async def test_a_100kb_message_is_refused_with_the_limit(engine):
+    with pytest.raises(InputRejected, match="102,400 characters long; the limit is 2,000"):
+        await engine.respond("cli:t", "ada", "x" * 102_400)
+    assert await engine.count("cli:t") == 0
+
+
+async def test_control_and_invisible_characters_are_removed_before_storing(engine):
+    await engine.respond("cli:t", "ada", "hi\x00 there\x1b[31m\u200b\u202e ｆｒｉｅｎｄ")
+    assert (await engine.history("cli:t"))[0].text == "hi there[31m friend"
+
+
+@pytest.mark.parametrize("bad", ["no-scope", "cli:has space", "cli:new\nline", "", "x" * 300])
+async def test_odd_conversation_ids_are_refused(engine, bad):
+    with pytest.raises(InvalidConversationId):
+        await engine.respond(bad, "ada", "hi")
+
+
+async def test_bad_choices_fail_before_anything_is_stored(engine):
+    with pytest.raises(ChatbotError, match="unknown persona 'nope'; available: other, tester"):
+        await engine.respond("cli:t", "ada", "hi", persona="nope")
+    with pytest.raises(ChatbotError, match="unknown decoding preset 'wild'"):
+        await engine.respond("cli:t", "ada", "hi", preset="wild")
+    with pytest.raises(ChatbotError, match="`top_pp` is not a known setting"):
+        await engine.respond("cli:t", "ada", "hi", decoding={"top_pp": 0.5})
+    with pytest.raises(ChatbotError, match="`max_new_tokens` must be below the model's context of 256"):
+        await engine.respond("cli:t", "ada", "hi", decoding={"max_new_tokens": 256})
+    assert await engine.count("cli:t") == 0
+
+
+async def test_generator_failure_keeps_the_user_turn_and_the_engine_usable(engine, gen, monkeypatch):
+    real = gen.model.generate
+    calls = []
+
+    def fail_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen.model, "generate", fail_once)
+    with pytest.raises(GenerationFailed, match="RuntimeError: CUDA out of memory"):
+        await engine.respond("cli:t", "ada", "first")
+    assert [t.text for t in await engine.history("cli:t")] == ["first"]
+    reply = await engine.respond("cli:t", "ada", "second")
+    assert [t.role for t in await engine.history("cli:t")] == ["user", "user", "bot"]
+    assert reply.text
+
+
+async def test_an_empty_model_reply_becomes_the_fallback(engine, gen, monkeypatch):
+    monkeypatch.setattr(gen, "generate", lambda reqs: [GenerationResult("", 5, 1, "stop", 0.01) for _ in reqs])
+    reply = await engine.respond("cli:t", "ada", "hi")
+    assert reply.finish_reason == "fallback" and reply.text == engine.settings.fallback_reply
+    assert (await engine.history("cli:t"))[-1].text == reply.text
+
+
+async def test_two_conversations_interleave_and_the_loop_stays_free(engine, gen, monkeypatch):
+    record_prompts(gen, monkeypatch, delay=0.3)
+    ticks = 0
+
+    async def heartbeat():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    beat = asyncio.create_task(heartbeat())
+    a, b = await asyncio.gather(engine.respond("discord:channel:1", "ada", "hello from one"),
+                                engine.respond("discord:channel:2", "bob", "hello from two"))
+    beat.cancel()
+    # B's message was stored while A's reply was being generated.
+    assert b.user_turn_id < a.bot_turn_id
+    assert ticks >= 30  # 0.6 s of generation and the loop kept running
+    for reply, author in ((a, "ada"), (b, "bob")):
+        turns = await engine.history(reply.conversation_id)
+        assert [(t.role, t.author) for t in turns] == [("user", author), ("bot", "Bot")]
+
+
+async def test_one_conversations_messages_are_answered_in_order(engine, gen, monkeypatch):
+    seen = record_prompts(gen, monkeypatch, delay=0.05)
+    messages = [f"message {i}" for i in range(5)]
+    replies = await asyncio.gather(*(engine.respond("cli:t", "ada", m) for m in messages))
+    turns = await engine.history("cli:t")
+    assert [t.role for t in turns] == ["user", "bot"] * 5
+    assert [t.text for t in turns[::2]] == messages
+    assert [r.bot_turn_id for r in replies] == [t.id for t in turns[1::2]]
+    # Each prompt saw every earlier exchange.
+    for i, request in enumerate(seen):
+        assert request.prompt.count("ada: message") == i + 1
+
+
+async def test_a_full_queue_answers_busy_and_stores_nothing(gen, tiny_prompts, monkeypatch):
+    record_prompts(gen, monkeypatch, delay=0.2)
+    engine = make_engine(gen, InMemoryStore(), tiny_prompts, max_waiting_per_conversation=1)
+    results = await asyncio.gather(*(engine.respond("cli:t", "ada", f"m{i}") for i in range(3)),
+                                   return_exceptions=True)
+    assert [type(r).__name__ for r in results].count("EngineBusy") == 1
+    busy = next(r for r in results if isinstance(r, EngineBusy))
+    assert "try again" in str(busy)
+    assert len(await engine.history("cli:t")) == 4
+    # Another conversation is not affected, and the queue drains.
+    assert (await engine.respond("cli:other", "ada", "hi")).text
+    await engine.close()
+
+
+async def test_stream_pieces_join_to_the_stored_reply(engine):
+    stream = engine.stream("cli:t", "ada", "hi there")
+    pieces = [p async for p in stream]
+    assert pieces and "".join(pieces) == stream.reply.text
+    assert (await engine.history("cli:t"))[-1].text == stream.reply.text
+    assert stream.reply.reply_tokens > 0 and stream.reply.bot_turn_id > stream.reply.user_turn_id
+
+
+async def test_leaving_a_stream_early_stores_no_bot_turn_and_frees_the_conversation(engine):
+    stream = engine.stream("cli:t", "ada", "hi there", preset="creative", decoding={"max_new_tokens": 30, "seed": 1})
+    async for _ in stream:
+        break
+    await stream.aclose()
+    assert stream.reply is None
+    assert [t.role for t in await engine.history("cli:t")] == ["user"]
+    reply = await asyncio.wait_for(engine.respond("cli:t", "ada", "again"), 30)
+    assert reply.text
+
+
+async def test_personas_and_presets_are_chosen_per_conversation_and_kept(gen, tiny_prompts, tmp_path, monkeypatch):
+    seen = record_prompts(gen, monkeypatch)
+    path = tmp_path / "m.sqlite3"
+    engine = make_engine(gen, SQLiteMemoryStore(path), tiny_prompts)
+    await engine.set_persona("cli:a", "other")
+    await engine.set_preset("cli:a", "precise")
+    reply = await engine.respond("cli:a", "ada", "hi")
+    assert reply.speaker == "Pip" and reply.settings.temperature == 0.5
+    assert seen[-1].prompt == "User: hi\nPip: yo\nada: hi\nPip:"  # examples pinned; no description
+    assert (await engine.respond("cli:b", "ada", "hi")).speaker == "Bot"  # others keep the default
+    await engine.reset("cli:a")
+    await engine.close()
+    engine = make_engine(gen, SQLiteMemoryStore(path), tiny_prompts)
+    persona, preset = await engine.choices("cli:a")
+    assert (persona.name, preset) == ("other", "precise")
+    assert await engine.set_preset("cli:a", None) == "balanced"  # back to the persona's own
+    with pytest.raises(ChatbotError, match="unknown persona"):
+        await engine.set_persona("cli:a", "../etc")
+    await engine.close()
+
+
+async def test_forget_author_everywhere(engine):
+    await engine.respond("cli:a", "ada", "ada in a")
+    await engine.respond("cli:b", "ada", "ada in b")
+    await engine.respond("cli:b", "bob", "bob in b")
+    assert await engine.forget_author("ada") == 2
+    assert [t.text for t in await engine.history("cli:b") if t.role == "user"] == ["bob in b"]
+    assert [t.role for t in await engine.history("cli:a")] == ["bot"]
+
+
+async def test_old_turns_expire(gen, tiny_prompts, monkeypatch):
+    engine = make_engine(gen, InMemoryStore(), tiny_prompts, expire_after_days=1)
+    await engine.store.append("cli:t", "ada", "user", "long ago")
+    later = time.time() + 2 * 86400
+    monkeypatch.setattr("chatbot.memory.time.time", lambda: later)
+    await engine.respond("cli:t", "ada", "now")
+    assert [t.text for t in await engine.history("cli:t")][0] == "now"
+    await engine.close()
+
+
+async def test_closed_engine_refuses_politely(engine):
+    await engine.close()
+    with pytest.raises(ChatbotError, match="closed"):
+        await engine.respond("cli:t", "ada", "hi")
+
+
+def script_model(gen, monkeypatch, text):
+    """Make the real model say ``text`` by forcing its logits; generation and stopping stay transformers'."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    ids = gen.tokenizer(text, add_special_tokens=False)["input_ids"]
+    real = gen.model.generate
+    steps = []
+
+    class Script(LogitsProcessor):
+        def __init__(self):
+            self.start = None
+
+        def __call__(self, input_ids, scores):
+            if self.start is None:
+                self.start = input_ids.shape[1]
+            step = input_ids.shape[1] - self.start
+            steps.append(step)
+            forced = torch.full_like(scores, float("-inf"))
+            forced[:, ids[min(step, len(ids) - 1)]] = 0.0
+            return forced
+
+    def generate(*args, **kwargs):
+        return real(*args, logits_processor=LogitsProcessorList([Script()]), **kwargs)
+
+    monkeypatch.setattr(gen.model, "generate", generate)
+    return ids, steps
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+async def test_a_speaker_tag_spanning_several_tokens_ends_the_reply(engine, gen, monkeypatch, streaming):
+    await engine.respond("cli:t", "Rosalind", "hello")  # puts Rosalind in the window
+    ids, steps = script_model(gen, monkeypatch, " sure thing Rosalind: and then some more words here")
+    assert len(gen.tokenizer(" Rosalind:", add_special_tokens=False)["input_ids"]) > 1
+    settings = {"max_new_tokens": 30, "no_repeat_ngram_size": 0, "repetition_penalty": 1.0}
+    if streaming:
+        stream = engine.stream("cli:t", "Rosalind", "tell me", decoding=settings)
+        text = "".join([p async for p in stream])
+        reply = stream.reply
+        assert text == reply.text
+    else:
+        reply = await engine.respond("cli:t", "Rosalind", "tell me", decoding=settings)
+    assert reply.text == "sure thing" and reply.finish_reason == "stop"
+    assert (await engine.history("cli:t"))[-1].text == "sure thing"
+    # transformers' stop-string criterion ended generation at the tag, well before the script's end.
+    assert max(steps) < len(ids) - 3
