@@ -9,21 +9,15 @@ Precedence, lowest first: the defaults below, the TOML file, then environment va
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from .errors import ChatbotError, settings_error_message
+from .errors import ChatbotError, read_toml, settings_error_message
 from .generation import PRESETS, DecodingOverrides, DecodingSettings, apply_overrides
 from .memory import MAX_TURN_CHARS
 from .prompting import PROMPTS_DIR
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = ["Settings", "ENV_PREFIX", "DEFAULT_CONFIG_FILE"]
 
@@ -115,7 +109,7 @@ class Settings(BaseModel):
         if path is None and Path(DEFAULT_CONFIG_FILE).is_file():
             path = DEFAULT_CONFIG_FILE
         if path is not None:
-            values.update(_read_toml(Path(path)))
+            values.update(read_toml(Path(path), "settings file"))
             cls.make(values, source=str(path))  # so a mistake in the file is reported with its name
         _merge(values, _from_env(env))
         _merge(values, {k: v for k, v in overrides.items() if v is not None})
@@ -138,17 +132,6 @@ class Settings(BaseModel):
     def decoding_settings(self, preset: str) -> DecodingSettings:
         """The named preset with this configuration's ``decoding`` overrides on top."""
         return apply_overrides(PRESETS[preset], self.decoding)
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ChatbotError(f"{path}: no such settings file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ChatbotError(f"{path}: cannot read ({err})") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ChatbotError(f"{path}: not valid TOML ({err})") from None
 
 
 def _merge(into: dict[str, Any], new: Mapping[str, Any]) -> None:

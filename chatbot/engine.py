@@ -88,6 +88,19 @@ class _Plan:
     prompt_tokens: int
 
 
+class _Clock:
+    """Seconds spent in each step of one exchange."""
+
+    def __init__(self) -> None:
+        self.started = self._last = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def mark(self, step: str) -> None:
+        now = time.perf_counter()
+        self.timings[step] = now - self._last
+        self._last = now
+
+
 class _ConversationLocks:
     """One asyncio lock per conversation that has work in flight, with bounded waiting.
 
@@ -250,27 +263,13 @@ class ChatEngine:
         (nothing is stored), `EngineBusy` when the conversation's queue is full, and
         `GenerationFailed` when the model fails (the user's turn stays stored).
         """
-        started = time.perf_counter()
-        text = self._check_message(conversation_id, author, text)
-        async with self._locks.hold(conversation_id):
-            queued = time.perf_counter()
-            plan = await self._plan(conversation_id, author, text, persona, preset, decoding)
-            prepared = time.perf_counter()
+        async with self._exchange(conversation_id, author, text, persona, preset, decoding) as (plan, clock):
             try:
                 result = (await self._in_worker(self.generator.generate, [plan.request]))[0]
             except Exception as err:
-                log.exception("generation failed in %s", conversation_id)
-                raise GenerationFailed(f"the model failed to reply ({type(err).__name__}: {err}); "
-                                       "the message was kept, try again") from err
-            generated = time.perf_counter()
-            reply_text, finish = result.text, result.finish_reason
-            if not reply_text.strip():
-                reply_text, finish = self.settings.fallback_reply, "fallback"
-            bot_turn = await self.store.append(conversation_id, plan.persona.speaker, "bot", reply_text)
-            done = time.perf_counter()
-        return self._reply(plan, bot_turn, finish, result.completion_tokens,
-                           {"queued": queued - started, "prepare": prepared - queued,
-                            "generate": generated - prepared, "total": done - started})
+                raise self._failed(conversation_id, err) from err
+            clock.mark("generate")
+            return await self._finish(plan, clock, result.text, result.finish_reason, result.completion_tokens)
 
     def stream(self, conversation_id: str, author: str, text: str, *, persona: str | None = None,
                preset: str | None = None, decoding: Any = None) -> ReplyStream:
@@ -280,12 +279,7 @@ class ChatEngine:
 
     async def _stream(self, holder: ReplyStream, conversation_id: str, author: str, text: str, *,
                       persona: str | None, preset: str | None, decoding: Any) -> AsyncIterator[str]:
-        started = time.perf_counter()
-        text = self._check_message(conversation_id, author, text)
-        async with self._locks.hold(conversation_id):
-            queued = time.perf_counter()
-            plan = await self._plan(conversation_id, author, text, persona, preset, decoding)
-            prepared = time.perf_counter()
+        async with self._exchange(conversation_id, author, text, persona, preset, decoding) as (plan, clock):
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
             stop = threading.Event()
@@ -315,34 +309,54 @@ class ChatEngine:
                         parts.append(value)
                         yield value
                     elif kind == "error":
-                        log.error("generation failed in %s", conversation_id, exc_info=value)
-                        raise GenerationFailed(f"the model failed to reply ({type(value).__name__}: {value}); "
-                                               "the message was kept, try again") from value
+                        raise self._failed(conversation_id, value) from value
                     else:
                         break
             finally:
                 stop.set()
                 # The model thread must be finished before the conversation is unlocked.
                 await asyncio.shield(worker)
-            generated = time.perf_counter()
+            clock.mark("generate")
             reply_text = "".join(parts)
             n_tokens = self.generator.count_tokens(reply_text)
             if not reply_text.strip():
-                reply_text, finish = self.settings.fallback_reply, "fallback"
-                yield reply_text
-            elif generated - prepared >= plan.settings.max_time:
+                yield self.settings.fallback_reply
+                finish = "fallback"
+            elif clock.timings["generate"] >= plan.settings.max_time:
                 finish = "time"
             elif n_tokens >= plan.settings.max_new_tokens:
                 finish = "length"
             else:
                 finish = "stop"
-            bot_turn = await self.store.append(conversation_id, plan.persona.speaker, "bot", reply_text)
-            done = time.perf_counter()
-        holder.reply = self._reply(plan, bot_turn, finish, n_tokens,
-                                   {"queued": queued - started, "prepare": prepared - queued,
-                                    "generate": generated - prepared, "total": done - started})
+            holder.reply = await self._finish(plan, clock, reply_text, finish, n_tokens)
 
     # ------------------------------------------------------------------ the steps
+
+    @asynccontextmanager
+    async def _exchange(self, conversation_id: str, author: str, text: str, persona: str | None,
+                        preset: str | None, decoding: Any) -> AsyncIterator[tuple[_Plan, _Clock]]:
+        """Check the message, wait for the conversation, store the user turn and plan the prompt."""
+        clock = _Clock()
+        text = self._check_message(conversation_id, author, text)
+        async with self._locks.hold(conversation_id):
+            clock.mark("queued")
+            plan = await self._plan(conversation_id, author, text, persona, preset, decoding)
+            clock.mark("prepare")
+            yield plan, clock
+
+    async def _finish(self, plan: _Plan, clock: _Clock, text: str, finish: str, reply_tokens: int) -> Reply:
+        """Store the bot turn (the fallback reply when the model gave nothing) and build the `Reply`."""
+        if not text.strip():
+            text, finish = self.settings.fallback_reply, "fallback"
+        bot_turn = await self.store.append(plan.user_turn.conversation_id, plan.persona.speaker, "bot", text)
+        clock.timings["total"] = time.perf_counter() - clock.started
+        return self._reply(plan, bot_turn, finish, reply_tokens, clock.timings)
+
+    @staticmethod
+    def _failed(conversation_id: str, err: BaseException) -> GenerationFailed:
+        log.error("generation failed in %s", conversation_id, exc_info=err)
+        return GenerationFailed(f"the model failed to reply ({type(err).__name__}: {err}); "
+                                "the message was kept, try again")
 
     def _check_message(self, conversation_id: str, author: str, text: str) -> str:
         if self._closed:

@@ -1,6 +1,15 @@
 """Errors a user can cause and fix; the command line prints them as one line."""
 
+import sys
+from pathlib import Path
+from typing import Any
+
 from pydantic import ValidationError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 
 class ChatbotError(Exception):
@@ -26,3 +35,15 @@ def settings_error_message(err: ValidationError) -> str:
             msg = e["msg"].replace("Input should be", "must be").replace("Value error, ", "")
             parts.append(f"`{name}` {msg}, got {e.get('input')!r}")
     return "; ".join(parts)
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file's table; any problem is a `ChatbotError` naming the file (``what`` says what it is)."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ChatbotError(f"{path}: no such {what}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ChatbotError(f"{path}: cannot read ({err})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ChatbotError(f"{path}: not valid TOML ({err})") from None

@@ -16,19 +16,13 @@ Two formats exist:
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import ChatbotError, settings_error_message
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from .errors import ChatbotError, read_toml, settings_error_message
 
 __all__ = [
     "Utterance",
@@ -240,14 +234,7 @@ class Persona(BaseModel):
 def load_persona(path: str | Path) -> Persona:
     """Read one persona file; any problem is a `ChatbotError` naming the file and the field."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ChatbotError(f"{path}: no such persona file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ChatbotError(f"{path}: cannot read ({err})") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ChatbotError(f"{path}: not valid TOML ({err})") from None
+    data = read_toml(path, "persona file")
     try:
         persona = Persona(**data)
     except ValidationError as err:
