@@ -129,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--reset", action="store_true", help="forget this conversation before starting")
     _add_decoding_options(c, preset_help="decoding preset for this conversation, kept for later runs "
                                          "(default: the persona's)")
+
+    se = sub.add_parser("safety-eval", parents=[common], help="precision, recall and false positives of the output filter",
+                        description="Run the output toxicity filter over labelled sentences (JSONL lines with "
+                                    "\"text\", \"label\": toxic|benign, \"kind\") and print how much it blocks.")
+    se.add_argument("data", nargs="*", help="labelled sets (default: the two in tests/data)")
+    se.add_argument("--config", default=None, help="settings file whose toxicity settings to use")
+    se.add_argument("--threshold", type=float, default=None, help="classifier threshold (default: the settings')")
+    se.add_argument("--show-misses", action="store_true", help="list the sentences it got wrong")
     return parser
 
 
@@ -343,7 +351,34 @@ def _chat_command(run: Any, engine: Any, conversation_id: str, text: str) -> str
     return f"(unknown command {command}; /help lists them)"
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "chat": cmd_chat}
+def cmd_safety_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .config import Settings
+    from .safety import ToxicityFilter, evaluate_filter, load_labelled
+
+    settings = Settings.load(args.config, toxicity_threshold=args.threshold)
+    check = ToxicityFilter(settings.toxicity_threshold, blocklist=settings.blocklist, allowlist=settings.allowlist)
+    data_dir = Path(__file__).resolve().parents[1] / "tests" / "data"
+    paths = [Path(p) for p in args.data] or [data_dir / "safety_eval.jsonl", data_dir / "safety_holdout.jsonl"]
+    print(f"toxicity filter: classifier threshold {settings.toxicity_threshold}, word and phrase lists")
+    for path in paths:
+        if not path.is_file():
+            raise ChatbotError(f"{path}: no such file")
+        report = evaluate_filter(check, load_labelled(path))
+        print(f"\n{path.name}")
+        for (label, kind), (blocked, total) in report.counts.items():
+            print(f"  {label:<7} {kind:<11} blocked {blocked:>4} of {total:<4} ({blocked / total:.1%})")
+        benign = sum(t for (lab, _), (_, t) in report.counts.items() if lab == "benign")
+        print(f"  precision {report.precision:.3f}   recall {report.recall:.3f}   "
+              f"false-positive rate {report.false_positive_rate:.3f} (of {benign} benign)")
+        if args.show_misses:
+            for text in report.misses:
+                print(f"    wrong: {text!r}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "chat": cmd_chat, "safety-eval": cmd_safety_eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
@@ -57,6 +57,28 @@ class Settings(BaseModel):
     """Messages that may queue behind a conversation's current reply before new ones are turned away."""
     expire_after_days: float | None = Field(None, gt=0)
     """Delete turns older than this many days (checked at start and hourly); empty keeps everything."""
+    max_input_tokens: int = Field(512, ge=1, le=100_000)
+    """Longest message accepted, in the model's tokens; longer ones are refused with a message saying so."""
+    abusive_input: Literal["refuse", "pass"] = "refuse"
+    """What to do with a message the toxicity filter flags: answer with `refusal_reply` without storing it, or pass it to the model."""
+    refusal_reply: str = Field("Let's keep it friendly. What else is on your mind?", min_length=1, max_length=500)
+    """The bot's answer to a refused abusive message."""
+    block_toxic_output: bool = True
+    """Check every reply with the toxicity filter; a flagged reply is regenerated, then replaced."""
+    toxicity_threshold: float = Field(0.9, gt=0.0, le=1.0)
+    """Classifier probability at which text counts as toxic (the word and phrase lists block regardless)."""
+    blocklist: tuple[str, ...] = ()
+    """Extra words or phrases that always count as toxic."""
+    allowlist: tuple[str, ...] = ()
+    """Extra words or phrases never counted as toxic (place names, technical terms)."""
+    redact_personal_data: bool = True
+    """Replace e-mail addresses, phone and card numbers and API tokens in replies with a placeholder."""
+    unsafe_retries: int = Field(2, ge=0, le=5)
+    """How many times a reply flagged as toxic is generated again before `unsafe_fallback_reply` is sent."""
+    unsafe_fallback_reply: str = Field("Let's talk about something else.", min_length=1, max_length=500)
+    """Sent instead of a reply that stayed toxic after the retries."""
+    reset_after_unsafe: bool = False
+    """Forget the conversation after a reply had to be replaced, so the model does not build on it."""
     fallback_reply: str = Field("Sorry, I lost my train of thought. Could you say that another way?",
                                 min_length=1, max_length=500)
     """What the bot says when the model produces nothing usable."""
@@ -164,6 +186,8 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
             if sub not in decoding_fields:
                 raise ChatbotError(f"environment variable {name}: `decoding.{sub}` is not a known setting")
             values.setdefault("decoding", {})[sub] = None if raw.strip() in ("", "none") else raw
+        elif key in ("blocklist", "allowlist"):
+            values[key] = tuple(w.strip() for w in raw.split(",") if w.strip())
         elif key in fields and key != "decoding":
             values[key] = raw
         elif key == "config":

@@ -1,15 +1,10 @@
 """Errors a user can cause and fix; the command line prints them as one line."""
 
-import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 class ChatbotError(Exception):
