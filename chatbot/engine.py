@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -29,7 +30,16 @@ from .errors import ChatbotError
 from .generation import DecodingSettings, GenerationRequest, Generator, apply_overrides, get_preset, make_overrides
 from .memory import MemoryStore, open_store
 from .prompting import Persona, Utterance, get_persona, list_personas
-from .safety import InputRejected, sanitize_input
+from .repetition import max_similarity
+from .safety import (
+    FilterContext,
+    InputRejected,
+    ToxicityFilter,
+    break_special_tokens,
+    neutralise_speaker_tags,
+    output_chain,
+    sanitize_input,
+)
 
 __all__ = ["ChatEngine", "Reply", "ReplyStream", "EngineBusy", "GenerationFailed", "InputRejected"]
 
@@ -60,8 +70,9 @@ class Reply:
     speaker: str
     """The bot's speaker name in the transcript."""
     finish_reason: str
-    """``stop`` (the turn ended), ``length`` (max_new_tokens), ``time`` (max_time), or
-    ``fallback`` (the model produced nothing usable and `Settings.fallback_reply` was sent)."""
+    """``stop`` (the turn ended), ``length`` (max_new_tokens), ``time`` (max_time), ``fallback``
+    (the model produced nothing usable; `Settings.fallback_reply` was sent), ``unsafe`` (every
+    attempt was flagged; `Settings.unsafe_fallback_reply` was sent) or ``refused``."""
     prompt_tokens: int
     reply_tokens: int
     window_turns: int
@@ -70,12 +81,24 @@ class Reply:
     """Stored turns the window left out, oldest first."""
     cut_turn_ids: tuple[int, ...]
     """Turns shortened to fit (only ever the newest, when it alone exceeds the window)."""
-    user_turn_id: int
-    bot_turn_id: int
+    user_turn_id: int | None
+    """None when the message was refused (it is not stored)."""
+    bot_turn_id: int | None
+    """None when nothing was stored: a refused message, or a conversation reset after an unsafe reply."""
     settings: DecodingSettings
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent: ``queued`` (waiting for the conversation), ``prepare`` (memory and window),
-    ``generate`` and ``total``."""
+    ``generate`` (all attempts and their checks) and ``total``."""
+    safety: tuple[str, ...] = ()
+    """What the filters did, over all attempts ("redacted email", "toxicity: matched ...")."""
+    attempts: int = 1
+    """Replies generated: more than one when a reply was unsafe or repeated an earlier one."""
+    repeat_similarity: float = 0.0
+    """Similarity (0-1) of the reply to the most similar of the bot's recent replies."""
+    refused: bool = False
+    """The message was refused as abusive (`Settings.abusive_input`); `text` is the refusal."""
+    reset: bool = False
+    """The conversation was forgotten after an unsafe reply (`Settings.reset_after_unsafe`)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +109,34 @@ class _Plan:
     window: Window
     user_turn: Turn
     prompt_tokens: int
+    recent_replies: tuple[str, ...]
+    """The bot's latest replies (up to `repeat_lookback`), to catch a reply that repeats one."""
+    speakers: tuple[str, ...]
+
+    def retry(self, attempt: int) -> GenerationRequest:
+        """The request for another try: a new seed, and sampling where the first try was greedy
+        (greedy decoding would only produce the same reply again)."""
+        s = self.settings
+        update: dict[str, Any] = {"seed": None if s.seed is None else s.seed + 1000 * attempt}
+        if s.greedy:
+            update["temperature"] = 0.7
+        return GenerationRequest(self.request.prompt, s.model_copy(update=update), self.request.stop_strings,
+                                 self.request.bot_texts)
+
+
+@dataclass
+class _Outcome:
+    """The reply chosen among the attempts, before it is stored."""
+
+    text: str
+    finish: str
+    reply_tokens: int
+    reasons: list[str]
+    attempts: int
+    similarity: float
+
+
+_SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*\s+")
 
 
 class _Clock:
@@ -94,6 +145,9 @@ class _Clock:
     def __init__(self) -> None:
         self.started = self._last = time.perf_counter()
         self.timings: dict[str, float] = {}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
 
     def mark(self, step: str) -> None:
         now = time.perf_counter()
@@ -169,6 +223,20 @@ class ChatEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self._next_expiry = 0.0
         self._closed = False
+        st = self.settings
+        self.output_filter = output_chain(toxicity_threshold=st.toxicity_threshold, blocklist=st.blocklist,
+                                          allowlist=st.allowlist, redact_personal_data=st.redact_personal_data,
+                                          block_toxic=st.block_toxic_output)
+        self.input_filter = (ToxicityFilter(st.toxicity_threshold, blocklist=st.blocklist, allowlist=st.allowlist)
+                             if st.abusive_input == "refuse" else None)
+        try:
+            self._persona_speakers = {p.speaker for p in self.personas().values()}
+        except ChatbotError as err:  # one broken persona file must not stop the bot
+            log.warning("%s", err)
+            self._persona_speakers = {self.default_persona.speaker}
+        tokenizer = getattr(generator, "tokenizer", None)
+        self._special_tokens = tuple(getattr(tokenizer, "all_special_tokens", ())) or (
+            getattr(generator.format, "eos_token", "<|endoftext|>"),)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> "ChatEngine":
@@ -256,101 +324,231 @@ class ChatEngine:
 
     async def respond(self, conversation_id: str, author: str, text: str, *, persona: str | None = None,
                       preset: str | None = None, decoding: Any = None) -> Reply:
-        """Store the user's message, generate the bot's reply, store it and return it.
+        """Store the user's message, generate the bot's reply, check it, store it and return it.
 
         ``persona``, ``preset`` and ``decoding`` (a `DecodingOverrides` or dict) apply to
         this reply only. Raises `InputRejected` for a message the engine will not take
         (nothing is stored), `EngineBusy` when the conversation's queue is full, and
-        `GenerationFailed` when the model fails (the user's turn stays stored).
+        `GenerationFailed` when the model fails (the user's turn stays stored). An abusive
+        message is answered with `Settings.refusal_reply` (``reply.refused``) and not stored.
         """
-        async with self._exchange(conversation_id, author, text, persona, preset, decoding) as (plan, clock):
-            try:
-                result = (await self._in_worker(self.generator.generate, [plan.request]))[0]
-            except Exception as err:
-                raise self._failed(conversation_id, err) from err
+        clock = _Clock()
+        text = self._check_message(conversation_id, author, text)
+        async with self._exchange(conversation_id, author, text, persona, preset, decoding, clock) as plan:
+            if isinstance(plan, Reply):
+                return plan
+            outcome = await self._generate_checked(plan)
             clock.mark("generate")
-            return await self._finish(plan, clock, result.text, result.finish_reason, result.completion_tokens)
+            return await self._finish(plan, clock, outcome)
 
     def stream(self, conversation_id: str, author: str, text: str, *, persona: str | None = None,
                preset: str | None = None, decoding: Any = None) -> ReplyStream:
-        """Like `respond`, but the reply arrives in pieces: ``async for piece in engine.stream(...)``."""
+        """Like `respond`, but the reply arrives in pieces: ``async for piece in engine.stream(...)``.
+
+        Text is released a sentence at a time, each one checked by the output filters
+        first, so nothing unsafe is ever shown. A sentence that fails stops the reply
+        there; if nothing was shown yet, the reply is generated again (as `respond` does).
+        """
         return ReplyStream(self, conversation_id, author, text,
                            {"persona": persona, "preset": preset, "decoding": decoding})
 
     async def _stream(self, holder: ReplyStream, conversation_id: str, author: str, text: str, *,
                       persona: str | None, preset: str | None, decoding: Any) -> AsyncIterator[str]:
-        async with self._exchange(conversation_id, author, text, persona, preset, decoding) as (plan, clock):
-            loop = asyncio.get_running_loop()
-            queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-            stop = threading.Event()
-
-            def work() -> None:
-                pieces = self.generator.stream(plan.request)
-                try:
-                    for piece in pieces:
-                        loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
-                        if stop.is_set():
-                            break
-                except Exception as err:
-                    loop.call_soon_threadsafe(queue.put_nowait, ("error", err))
-                    return
-                finally:
-                    close = getattr(pieces, "close", None)
-                    if close is not None:
-                        close()  # stops the model at its next token when we left early
-                loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
-
-            worker = loop.run_in_executor(self._executor, work)
-            parts: list[str] = []
-            try:
-                while True:
-                    kind, value = await queue.get()
-                    if kind == "piece":
-                        parts.append(value)
-                        yield value
-                    elif kind == "error":
-                        raise self._failed(conversation_id, value) from value
-                    else:
-                        break
-            finally:
-                stop.set()
-                # The model thread must be finished before the conversation is unlocked.
-                await asyncio.shield(worker)
-            clock.mark("generate")
-            reply_text = "".join(parts)
-            n_tokens = self.generator.count_tokens(reply_text)
-            if not reply_text.strip():
+        clock = _Clock()
+        text = self._check_message(conversation_id, author, text)
+        async with self._exchange(conversation_id, author, text, persona, preset, decoding, clock) as plan:
+            if isinstance(plan, Reply):
+                holder.reply = plan
+                yield plan.text
+                return
+            context = FilterContext(conversation_id, plan.speakers)
+            reasons: list[str] = []
+            shown = ""
+            outcome: _Outcome | None = None
+            for attempt in range(self.settings.unsafe_retries + 1):
+                request = plan.request if attempt == 0 else plan.retry(attempt)
+                raw = ""
+                unsafe = False
+                async for piece, final in self._sentences(request, conversation_id):
+                    raw += piece
+                    verdict = await asyncio.to_thread(self.output_filter.check, raw, context)
+                    reasons.extend(r for r in verdict.reasons if r not in reasons)
+                    if not verdict.allowed:
+                        unsafe = True
+                        break  # closes the generator, which stops the model
+                    if len(verdict.text) > len(shown):
+                        out = verdict.text[len(shown):]
+                        shown = verdict.text
+                        yield out
+                if not unsafe:
+                    outcome = _Outcome(shown, "stop", self.generator.count_tokens(raw), reasons, attempt + 1, 0.0)
+                    break
+                if shown:
+                    # Part of the reply is already out; end it at the last safe sentence.
+                    outcome = _Outcome(shown, "unsafe", self.generator.count_tokens(shown), reasons, attempt + 1, 0.0)
+                    break
+            if outcome is None:
+                outcome = _Outcome("", "unsafe", 0, reasons, self.settings.unsafe_retries + 1, 0.0)
+                yield self.settings.unsafe_fallback_reply
+            elif not outcome.text.strip():
                 yield self.settings.fallback_reply
-                finish = "fallback"
-            elif clock.timings["generate"] >= plan.settings.max_time:
-                finish = "time"
-            elif n_tokens >= plan.settings.max_new_tokens:
-                finish = "length"
             else:
-                finish = "stop"
-            holder.reply = await self._finish(plan, clock, reply_text, finish, n_tokens)
+                tokens = outcome.reply_tokens
+                if clock.elapsed() >= plan.settings.max_time:
+                    outcome.finish = "time"
+                elif outcome.finish == "stop" and tokens >= plan.settings.max_new_tokens:
+                    outcome.finish = "length"
+                outcome.similarity = max_similarity(outcome.text, plan.recent_replies)
+            clock.mark("generate")
+            holder.reply = await self._finish(plan, clock, outcome)
+
+    async def _sentences(self, request: GenerationRequest, conversation_id: str) -> AsyncIterator[tuple[str, bool]]:
+        """The generator's stream regrouped into whole sentences (the last one may be partial).
+
+        Runs the model on the engine's worker thread; leaving the loop early stops it.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        stop = threading.Event()
+
+        def work() -> None:
+            pieces = self.generator.stream(request)
+            try:
+                for piece in pieces:
+                    loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
+                    if stop.is_set():
+                        break
+            except Exception as err:
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", err))
+                return
+            finally:
+                close = getattr(pieces, "close", None)
+                if close is not None:
+                    close()  # stops the model at its next token when we left early
+            loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
+
+        worker = loop.run_in_executor(self._executor, work)
+        pending = ""
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "piece":
+                    pending += value
+                    ends = [m.end() for m in _SENTENCE_END.finditer(pending)]
+                    if ends:
+                        yield pending[:ends[-1]], False
+                        pending = pending[ends[-1]:]
+                elif kind == "error":
+                    raise self._failed(conversation_id, value) from value
+                else:
+                    break
+            if pending:
+                yield pending, True
+        finally:
+            stop.set()
+            # The model thread must be finished before the conversation is unlocked.
+            await asyncio.shield(worker)
 
     # ------------------------------------------------------------------ the steps
 
+    async def _refusal(self, conversation_id: str, text: str, persona: str | None, preset: str | None,
+                       decoding: Any) -> Reply | None:
+        """The refusal `Reply` for an abusive message (nothing stored), or None to go on."""
+        if self.input_filter is None:
+            return None
+        verdict = await asyncio.to_thread(self.input_filter.check, text)
+        if verdict.allowed:
+            return None
+        log.info("%s: refused an abusive message (%s)", conversation_id, "; ".join(verdict.reasons))
+        options = await self.store.get_options(conversation_id)
+        chosen, preset_name = self._resolve(options, persona, preset)
+        settings = apply_overrides(self.settings.decoding_settings(preset_name), make_overrides(decoding))
+        return Reply(text=self.settings.refusal_reply, conversation_id=conversation_id, persona=chosen.name,
+                     speaker=chosen.speaker, finish_reason="refused", prompt_tokens=0, reply_tokens=0,
+                     window_turns=0, dropped_turn_ids=(), cut_turn_ids=(), user_turn_id=None, bot_turn_id=None,
+                     settings=settings, safety=tuple(f"input {r}" for r in verdict.reasons), refused=True)
+
+    async def _generate_checked(self, plan: _Plan) -> _Outcome:
+        """Generate, filter and compare with recent replies; try again (bounded) when unsafe or a repeat.
+
+        Among safe candidates the least repetitive one is kept; when every try was unsafe
+        the outcome is empty and `_finish` sends the unsafe fallback.
+        """
+        s = plan.settings
+        context = FilterContext(plan.user_turn.conversation_id, plan.speakers)
+        reasons: list[str] = []
+        candidates: list[_Outcome] = []
+        unsafe = repeats = 0
+        attempt = 0
+        while True:
+            request = plan.request if attempt == 0 else plan.retry(attempt)
+            attempt += 1
+            try:
+                result = (await self._in_worker(self.generator.generate, [request]))[0]
+            except Exception as err:
+                raise self._failed(plan.user_turn.conversation_id, err) from err
+            verdict = await asyncio.to_thread(self.output_filter.check, result.text, context)
+            reasons.extend(r for r in verdict.reasons if r not in reasons)
+            if not verdict.allowed:
+                unsafe += 1
+                log.info("%s: unsafe reply (%s)", plan.user_turn.conversation_id, "; ".join(verdict.reasons))
+                if unsafe > self.settings.unsafe_retries:
+                    break
+                continue
+            similarity = max_similarity(verdict.text, plan.recent_replies) if verdict.text.strip() else 0.0
+            candidates.append(_Outcome(verdict.text, result.finish_reason, result.completion_tokens, reasons,
+                                       attempt, similarity))
+            if not s.avoid_repeats or similarity < s.repeat_threshold or repeats >= s.repeat_retries:
+                break
+            repeats += 1
+        if not candidates:
+            return _Outcome("", "unsafe", 0, reasons, attempt, 0.0)
+        best = min(candidates, key=lambda c: c.similarity)
+        best.reasons, best.attempts = reasons, attempt
+        if repeats and best.similarity >= s.repeat_threshold:
+            reasons.append(f"repeat: kept the least repetitive of {len(candidates)} replies")
+        return best
+
     @asynccontextmanager
     async def _exchange(self, conversation_id: str, author: str, text: str, persona: str | None,
-                        preset: str | None, decoding: Any) -> AsyncIterator[tuple[_Plan, _Clock]]:
-        """Check the message, wait for the conversation, store the user turn and plan the prompt."""
-        clock = _Clock()
-        text = self._check_message(conversation_id, author, text)
+                        preset: str | None, decoding: Any, clock: _Clock) -> AsyncIterator[_Plan | Reply]:
+        """Wait for the conversation (messages keep their order), then either refuse an abusive
+        message (a `Reply`, nothing stored) or store the user turn and plan the prompt."""
         async with self._locks.hold(conversation_id):
             clock.mark("queued")
+            refused = await self._refusal(conversation_id, text, persona, preset, decoding)
+            if refused is not None:
+                yield refused
+                return
             plan = await self._plan(conversation_id, author, text, persona, preset, decoding)
             clock.mark("prepare")
-            yield plan, clock
+            yield plan
 
-    async def _finish(self, plan: _Plan, clock: _Clock, text: str, finish: str, reply_tokens: int) -> Reply:
-        """Store the bot turn (the fallback reply when the model gave nothing) and build the `Reply`."""
-        if not text.strip():
+    async def _finish(self, plan: _Plan, clock: _Clock, outcome: _Outcome) -> Reply:
+        """Store the bot turn (a fallback when the model gave nothing usable) and build the `Reply`."""
+        text, finish = outcome.text, outcome.finish
+        conversation_id = plan.user_turn.conversation_id
+        reset = False
+        if finish == "unsafe" and not text.strip():
+            text = self.settings.unsafe_fallback_reply
+            reset = self.settings.reset_after_unsafe
+        elif not text.strip():
             text, finish = self.settings.fallback_reply, "fallback"
-        bot_turn = await self.store.append(plan.user_turn.conversation_id, plan.persona.speaker, "bot", text)
-        clock.timings["total"] = time.perf_counter() - clock.started
-        return self._reply(plan, bot_turn, finish, reply_tokens, clock.timings)
+        if reset:
+            # As ParlAI does after an unsafe reply: start over, so the model does not build on it.
+            await self.store.reset(conversation_id)
+            bot_turn_id = None
+        else:
+            bot_turn_id = (await self.store.append(conversation_id, plan.persona.speaker, "bot", text)).id
+        clock.timings["total"] = clock.elapsed()
+        return Reply(
+            text=text, conversation_id=conversation_id, persona=plan.persona.name, speaker=plan.persona.speaker,
+            finish_reason=finish, prompt_tokens=plan.prompt_tokens, reply_tokens=outcome.reply_tokens,
+            window_turns=len(plan.window.turns), dropped_turn_ids=plan.window.dropped, cut_turn_ids=plan.window.cut,
+            user_turn_id=plan.user_turn.id, bot_turn_id=bot_turn_id, settings=plan.settings, timings=clock.timings,
+            safety=tuple(outcome.reasons), attempts=outcome.attempts, repeat_similarity=round(outcome.similarity, 3),
+            reset=reset,
+        )
 
     @staticmethod
     def _failed(conversation_id: str, err: BaseException) -> GenerationFailed:
@@ -359,11 +557,17 @@ class ChatEngine:
                                 "the message was kept, try again")
 
     def _check_message(self, conversation_id: str, author: str, text: str) -> str:
+        """The user's text cleaned (`safety.sanitize_input`), literal special tokens made plain, length-checked."""
         if self._closed:
             raise ChatbotError("the engine is closed")
         check_conversation_id(conversation_id)
         check_author(author)
-        return sanitize_input(text, max_chars=self.settings.max_input_chars)
+        text = break_special_tokens(sanitize_input(text, max_chars=self.settings.max_input_chars),
+                                    self._special_tokens)
+        tokens = self.generator.count_tokens(text)
+        if tokens > self.settings.max_input_tokens:
+            raise InputRejected(f"that message is {tokens:,} tokens long; the limit is {self.settings.max_input_tokens:,}")
+        return text
 
     async def _in_worker(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -380,17 +584,24 @@ class ChatEngine:
             raise ChatbotError(f"`max_new_tokens` must be below the model's context of "
                                f"{self.generator.context_size} tokens, got {settings.max_new_tokens}")
 
+        earlier = await self.store.newest(conversation_id, self.settings.max_history_turns - 1)
+        speakers = {t.author for t in earlier} | self._persona_speakers | {EXAMPLE_USER, chosen.speaker, author}
+        # Nobody may start a fake turn of any speaker of this conversation inside their message.
+        text = neutralise_speaker_tags(text, speakers)
         user_turn = await self.store.append(conversation_id, author, "user", text)
-        turns = await self.store.newest(conversation_id, self.settings.max_history_turns)
+        turns = [*earlier, user_turn]
         total = await self.store.count(conversation_id)
         # Building the window tokenizes the history several times: off the event loop.
         window, prompt, prompt_tokens = await asyncio.to_thread(
             self._window, chosen, turns, total - len(turns), budget)
-        speakers = {t.author for t in window.turns} | {EXAMPLE_USER, chosen.speaker}
-        stops = tuple(self.generator.format.stop_strings(sorted(speakers)))
+        in_window = sorted({t.author for t in window.turns} | {EXAMPLE_USER, chosen.speaker})
+        stops = tuple(self.generator.format.stop_strings(in_window))
+        bot_texts = tuple(t.text for t in window.turns if t.role == "bot")
+        recent = tuple(t.text for t in earlier if t.role == "bot")[-settings.repeat_lookback:]
         if window.dropped:
             log.info("%s: window dropped %d turns", conversation_id, len(window.dropped))
-        return _Plan(chosen, settings, GenerationRequest(prompt, settings, stops), window, user_turn, prompt_tokens)
+        return _Plan(chosen, settings, GenerationRequest(prompt, settings, stops, bot_texts), window, user_turn,
+                     prompt_tokens, recent, tuple(sorted(speakers)))
 
     def _window(self, persona: Persona, turns: Sequence[Turn], first_position: int,
                 budget: int) -> tuple[Window, str, int]:
@@ -415,14 +626,3 @@ class ChatEngine:
         removed = await self.store.expire(days * 86400)
         if removed:
             log.info("expired %d turns older than %g days", removed, days)
-
-    def _reply(self, plan: _Plan, bot_turn: Turn, finish: str, reply_tokens: int,
-               timings: dict[str, float]) -> Reply:
-        return Reply(
-            text=bot_turn.text, conversation_id=bot_turn.conversation_id, persona=plan.persona.name,
-            speaker=plan.persona.speaker, finish_reason=finish, prompt_tokens=plan.prompt_tokens,
-            reply_tokens=reply_tokens, window_turns=len(plan.window.turns), dropped_turn_ids=plan.window.dropped,
-            cut_turn_ids=plan.window.cut, user_turn_id=plan.user_turn.id, bot_turn_id=bot_turn.id,
-            settings=plan.settings, timings=timings,
-        )
-

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal, Protocol, Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ChatbotError, ModelNotFoundError, settings_error_message
-from .prompting import cut_at_stop, format_name_for_model, make_format
+from .prompting import clean_text, cut_at_stop, format_name_for_model, make_format
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -48,10 +48,22 @@ class DecodingSettings(BaseModel):
     """Sample only among the k most likely tokens; 0 turns the filter off."""
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     """Nucleus sampling: smallest token set whose probability reaches top_p; 1 turns it off."""
-    repetition_penalty: float = Field(1.1, gt=0.0, le=10.0)
-    """Divide the logits of already-seen tokens by this (1 turns it off)."""
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    """Stock penalty on every prompt and reply token, the user's words too; prefer `bot_repetition_penalty` (1 = off)."""
+    bot_repetition_penalty: float = Field(1.3, ge=1.0, le=10.0)
+    """Divide the logits of tokens the bot itself said (earlier turns and this reply) by this; 1 turns it off."""
     no_repeat_ngram_size: int = Field(3, ge=0, le=16)
-    """Never repeat an n-gram of this size within prompt and reply; 0 turns it off."""
+    """Never repeat an n-gram of this size within the reply (the prompt is not looked at); 0 turns it off."""
+    bot_no_repeat_ngram_size: int = Field(4, ge=0, le=16)
+    """Never produce an n-gram of this size that occurs in one of the bot's earlier turns; 0 turns it off."""
+    avoid_repeats: bool = True
+    """Regenerate a reply too like one of the bot's recent ones; applied by the engine, the generator ignores it."""
+    repeat_threshold: float = Field(0.8, gt=0.0, le=1.0)
+    """Similarity in (0, 1] from which a reply counts as a repeat; engine only, the generator ignores it."""
+    repeat_lookback: int = Field(5, ge=1, le=50)
+    """How many of the bot's latest replies a new one is compared with; engine only, the generator ignores it."""
+    repeat_retries: int = Field(2, ge=0, le=5)
+    """Most regenerations of a reply found to be a repeat; engine only, the generator ignores it."""
     max_time: float = Field(20.0, gt=0.0, le=600.0)
     """Seconds one generate call may take before it is stopped."""
     seed: int | None = Field(None, ge=0)
@@ -109,11 +121,22 @@ def make_decoding_settings(**values: Any) -> DecodingSettings:
         raise ChatbotError(settings_error_message(err)) from None
 
 
+REPETITION_OFF: dict[str, Any] = {
+    "repetition_penalty": 1.0,
+    "bot_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bot_no_repeat_ngram_size": 0,
+    "avoid_repeats": False,
+}
+"""Every repetition control off: ``apply_overrides(settings, make_overrides(REPETITION_OFF))``."""
+
 PRESETS: dict[str, DecodingSettings] = {
     "greedy": DecodingSettings(temperature=0.0),
     "precise": DecodingSettings(temperature=0.5, top_k=40, top_p=0.8),
     "balanced": DecodingSettings(),
-    "creative": DecodingSettings(temperature=1.0, top_k=0, top_p=0.95, repetition_penalty=1.2),
+    "creative": DecodingSettings(temperature=1.0, top_k=0, top_p=0.95, bot_repetition_penalty=1.5),
+    # The baseline that measures what the repetition controls buy: balanced without them.
+    "plain": DecodingSettings(**REPETITION_OFF),
 }
 """Named decoding styles a persona (or a user) can pick; each is a full `DecodingSettings`."""
 
@@ -130,6 +153,8 @@ class GenerationRequest:
     prompt: str
     settings: DecodingSettings = field(default_factory=DecodingSettings)
     stop_strings: tuple[str, ...] = ()
+    bot_texts: tuple[str, ...] = ()
+    """The text of each of the bot's earlier turns in the prompt, oldest first; the repetition controls read it."""
 
 
 @dataclass(frozen=True)
@@ -327,7 +352,7 @@ class LocalGenerator:
             for (settings, stops), idx in groups.items():
                 if attempt and settings.seed is not None:
                     settings = settings.model_copy(update={"seed": settings.seed + attempt})
-                batch = self._generate_batch([requests[i].prompt for i in idx], settings, stops)
+                batch = self._generate_batch([requests[i] for i in idx], settings, stops)
                 for i, res in zip(idx, batch):
                     results[i] = res
             pending = [i for i in pending if not results[i].text and not requests[i].settings.greedy]
@@ -335,9 +360,49 @@ class LocalGenerator:
                 break
         return [r for r in results if r is not None]
 
-    def _prepare(self, prompts: list[str], settings: DecodingSettings,
+    def _bot_turn_ids(self, bot_texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each of the bot's turns as they are tokenised inside the prompt."""
+        # In a transcript the turn's first word carries the space after "Name:" (one token
+        # with it); a DialoGPT turn follows the end-of-text token directly. Cleaning the
+        # text as the prompt does keeps the ids those the model actually saw.
+        lead = " " if self.format.name == "transcript" else ""
+        texts = [lead + text for text in map(clean_text, bot_texts) if text]
+        if not texts:
+            return []
+        # The counting copy, under its lock: this can run while another thread counts.
+        with self._counter_lock:
+            return [list(ids) for ids in self._counter(texts, add_special_tokens=False)["input_ids"]]
+
+    def _logits_processors(self, requests: Sequence[GenerationRequest], settings: DecodingSettings,
+                           prompt_length: int) -> Any:
+        """The repetition controls for one batch, as a `LogitsProcessorList` (empty when all are off).
+
+        Row ``i`` of the batch is ``requests[i]``; rows may carry different ``bot_texts``.
+        ``prompt_length`` is the padded prompt length, where every row's reply begins.
+        """
+        from transformers import LogitsProcessorList
+
+        from .repetition import BotRepetitionPenalty, ReplyNoRepeatNGram
+
+        processors = LogitsProcessorList()
+        need_bot_ids = settings.bot_repetition_penalty > 1.0 or settings.bot_no_repeat_ngram_size > 0
+        turns = [self._bot_turn_ids(r.bot_texts) if need_bot_ids else [] for r in requests]
+        if settings.bot_repetition_penalty > 1.0:
+            said = [[t for turn in row for t in turn] for row in turns]
+            processors.append(BotRepetitionPenalty(settings.bot_repetition_penalty, said, prompt_length))
+        if settings.no_repeat_ngram_size > 0:
+            processors.append(ReplyNoRepeatNGram(settings.no_repeat_ngram_size, prompt_length))
+        if settings.bot_no_repeat_ngram_size > 0 and any(turns):
+            processors.append(ReplyNoRepeatNGram(settings.bot_no_repeat_ngram_size, prompt_length, turns))
+        return processors
+
+    def _prepare(self, requests: Sequence[GenerationRequest], settings: DecodingSettings,
                  stops: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Encoded, left-padded prompts and the `generate` keyword arguments for them."""
+        """Encoded, left-padded prompts and the `generate` keyword arguments for them.
+
+        ``settings`` and ``stops`` apply to every request (their own are not read): the
+        caller groups requests that share them, and may change the seed on a retry.
+        """
         import torch
 
         tok = self.tokenizer
@@ -349,8 +414,8 @@ class LocalGenerator:
             )
         # The conversation window trims by turns; truncating here is the last guard
         # against running past the model's positions.
-        enc = tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=budget,
-                  add_special_tokens=False)
+        enc = tok([r.prompt for r in requests], return_tensors="pt", padding=True, truncation=True,
+                  max_length=budget, add_special_tokens=False)
         enc = {k: v.to(self.device) for k, v in enc.items()}
         kwargs: dict[str, Any] = dict(
             max_new_tokens=settings.max_new_tokens,
@@ -358,8 +423,12 @@ class LocalGenerator:
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
             repetition_penalty=settings.repetition_penalty,
-            no_repeat_ngram_size=settings.no_repeat_ngram_size,
+            # 0 keeps the stock n-gram ban off even where a model's generation_config sets
+            # one: it reads the whole prompt, so it would forbid echoing the user's words.
+            # `no_repeat_ngram_size` is ours, in the processors below.
+            no_repeat_ngram_size=0,
             begin_suppress_tokens=self._blank_start_ids(),
+            logits_processor=self._logits_processors(requests, settings, enc["input_ids"].shape[1]),
         )
         if stops:
             kwargs.update(stop_strings=list(stops), tokenizer=tok)
@@ -391,7 +460,7 @@ class LocalGenerator:
                 return closed.is_set()
 
         stops = list(request.stop_strings) + [self.tokenizer.eos_token]
-        enc, kwargs = self._prepare([request.prompt], request.settings, request.stop_strings)
+        enc, kwargs = self._prepare([request], request.settings, request.stop_strings)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, timeout=request.settings.max_time + 30)
         failure: list[BaseException] = []
 
@@ -436,12 +505,13 @@ class LocalGenerator:
             yield tail
 
     def _generate_batch(
-        self, prompts: list[str], settings: DecodingSettings, stops: tuple[str, ...]
+        self, requests: Sequence[GenerationRequest], settings: DecodingSettings, stops: tuple[str, ...]
     ) -> list[GenerationResult]:
+        """One result per request, generated as one batch under ``settings`` and ``stops``."""
         import torch
 
         tok = self.tokenizer
-        enc, kwargs = self._prepare(prompts, settings, stops)
+        enc, kwargs = self._prepare(requests, settings, stops)
         start = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(**enc, **kwargs)

@@ -48,7 +48,7 @@ def test_chatbot_toml_in_the_working_directory_and_chatbot_config(tmp_path, monk
         ("window_chunk = 0\n", "`window_chunk` must be greater than or equal to 1, got 0"),
         ("[decoding]\ntop_p = 1.5\n", "`decoding.top_p` must be less than or equal to 1, got 1.5"),
         ("[decoding]\ntemprature = 1\n", "`decoding.temprature` is not a known setting"),
-        ('preset = "wild"\n', "`preset` must be one of greedy, precise, balanced, creative, got 'wild'"),
+        ('preset = "wild"\n', "`preset` must be one of greedy, precise, balanced, creative, plain, got 'wild'"),
         ('device = "gpu"\n', "`device` must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
         ('persona = "../x"\n', "`persona` must be a persona file name"),
         ("max_input_chars = 1e9\n", "`max_input_chars`"),

@@ -107,13 +107,23 @@ async def test_long_conversation_drops_old_turns_in_chunks_and_keeps_the_persona
     assert again.dropped_turn_ids == reply.dropped_turn_ids
 
 
-async def test_a_giant_message_is_cut_to_fit_not_refused(engine, gen, monkeypatch):
+async def test_a_giant_message_is_cut_to_fit_not_refused(gen, tiny_prompts, monkeypatch):
+    engine = make_engine(gen, InMemoryStore(), tiny_prompts, max_input_tokens=5000)
     seen = record_prompts(gen, monkeypatch)
     text = " ".join(f"word{i}" for i in range(250))  # 1.9k characters, far over the 256-token context
     reply = await engine.respond("cli:t", "ada", text)
     assert reply.cut_turn_ids == (reply.user_turn_id,)
     assert seen[0].prompt.startswith("Bot is kind.\n") and seen[0].prompt.endswith("word249\nBot:")
     assert (await engine.history("cli:t"))[0].text == text  # memory keeps the whole message
+    await engine.close()
+
+
+async def test_a_message_over_the_token_limit_is_refused(gen, tiny_prompts):
+    engine = make_engine(gen, InMemoryStore(), tiny_prompts, max_input_tokens=10)
+    with pytest.raises(InputRejected, match=r"tokens long; the limit is 10"):
+        await engine.respond("cli:t", "ada", "word " * 30)
+    assert await engine.count("cli:t") == 0
+    await engine.close()
 
 
 @pytest.mark.parametrize("text", ["", "   \n\t ", "\x00\x1b\u200b\u202e"])
@@ -315,7 +325,9 @@ def script_model(gen, monkeypatch, text):
             return forced
 
     def generate(*args, **kwargs):
-        return real(*args, logits_processor=LogitsProcessorList([Script()]), **kwargs)
+        # Last in the list, so the script overrides whatever the repetition controls did.
+        kwargs["logits_processor"] = LogitsProcessorList([*kwargs.get("logits_processor", []), Script()])
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(gen.model, "generate", generate)
     return ids, steps

@@ -2,14 +2,20 @@ import pytest
 
 from chatbot.errors import ChatbotError, ModelNotFoundError
 from chatbot.generation import (
+    PRESETS,
+    REPETITION_OFF,
+    DecodingOverrides,
     DecodingSettings,
     GenerationRequest,
     LocalGenerator,
+    apply_overrides,
     load_model,
     make_decoding_settings,
+    make_overrides,
 )
 
-GREEDY = DecodingSettings(temperature=0, max_new_tokens=12, repetition_penalty=1.0, no_repeat_ngram_size=0)
+# Greedy with every repetition control off: the tiny model's bare, deterministic output.
+GREEDY = DecodingSettings(temperature=0, max_new_tokens=12, **REPETITION_OFF)
 
 
 @pytest.mark.parametrize(
@@ -20,6 +26,18 @@ GREEDY = DecodingSettings(temperature=0, max_new_tokens=12, repetition_penalty=1
         ({"top_p": 0}, "`top_p` must be greater than 0"),
         ({"max_new_tokens": 0}, "`max_new_tokens`"),
         ({"top_kk": 3}, "`top_kk` is not a known setting"),
+        ({"bot_repetition_penalty": 0.5}, "`bot_repetition_penalty` must be greater than or equal to 1, got 0.5"),
+        ({"bot_repetition_penalty": 11}, "`bot_repetition_penalty`"),
+        ({"bot_repetition_penalty": float("nan")}, "`bot_repetition_penalty`"),
+        ({"bot_no_repeat_ngram_size": -1}, "`bot_no_repeat_ngram_size`"),
+        ({"bot_no_repeat_ngram_size": 17}, "`bot_no_repeat_ngram_size`"),
+        ({"no_repeat_ngram_size": -1}, "`no_repeat_ngram_size`"),
+        ({"avoid_repeats": "sometimes"}, "`avoid_repeats`"),
+        ({"repeat_threshold": 0}, "`repeat_threshold` must be greater than 0, got 0"),
+        ({"repeat_threshold": 1.5}, "`repeat_threshold`"),
+        ({"repeat_lookback": 0}, "`repeat_lookback`"),
+        ({"repeat_lookback": 51}, "`repeat_lookback`"),
+        ({"repeat_retries": 6}, "`repeat_retries`"),
     ],
 )
 def test_bad_settings_name_the_setting(values, message):
@@ -77,7 +95,7 @@ def sampled_reply_and_stop(gen):
     tok = gen.tokenizer
     for seed in range(100):
         settings = DecodingSettings(temperature=1.0, top_k=0, top_p=1.0, seed=seed, max_new_tokens=12,
-                                    repetition_penalty=1.0, no_repeat_ngram_size=0)
+                                    **REPETITION_OFF)
         free = gen.generate([GenerationRequest("ada: hi\nBot:", settings)])[0].text
         ids = tok(free, add_special_tokens=False)["input_ids"]
         for i in range(2, len(ids) - 2):
@@ -146,8 +164,8 @@ def test_empty_sampled_reply_is_sampled_again(gen, monkeypatch):
     calls = []
     real = gen._generate_batch
 
-    def first_empty(prompts, settings, stops):
-        out = real(prompts, settings, stops)
+    def first_empty(requests, settings, stops):
+        out = real(requests, settings, stops)
         calls.append(settings.seed)
         if len(calls) == 1:
             out = [generation.GenerationResult("", r.prompt_tokens, 0, "stop", r.seconds) for r in out]
@@ -173,3 +191,154 @@ def test_stop_prefix_is_held_back():
     assert _stop_prefix_len("well ok\nUs", ["\nUser:"]) == 3
     assert _stop_prefix_len("well ok", ["\nUser:"]) == 0
     assert _stop_prefix_len("a B", [" Bot:", "\n"]) == 2
+
+
+# --- repetition controls -----------------------------------------------------------------
+
+
+def test_new_settings_have_the_documented_defaults():
+    s = DecodingSettings()
+    assert (s.repetition_penalty, s.bot_repetition_penalty, s.no_repeat_ngram_size, s.bot_no_repeat_ngram_size) == (
+        1.0, 1.3, 3, 4)
+    assert (s.avoid_repeats, s.repeat_threshold, s.repeat_lookback, s.repeat_retries) == (True, 0.8, 5, 2)
+
+
+def test_overrides_take_the_new_settings():
+    overrides = make_overrides({"bot_repetition_penalty": 2.0, "bot_no_repeat_ngram_size": 2, "avoid_repeats": False,
+                                "repeat_threshold": 0.9, "repeat_lookback": 3, "repeat_retries": 0})
+    assert isinstance(overrides, DecodingOverrides)
+    s = apply_overrides(PRESETS["balanced"], overrides)
+    assert (s.bot_repetition_penalty, s.bot_no_repeat_ngram_size, s.avoid_repeats) == (2.0, 2, False)
+    assert (s.repeat_threshold, s.repeat_lookback, s.repeat_retries) == (0.9, 3, 0)
+    assert s.temperature == PRESETS["balanced"].temperature
+    with pytest.raises(ChatbotError, match="`bot_repetition_penalty`"):
+        make_overrides({"bot_repetition_penalty": 0.5})
+
+
+def test_presets():
+    assert set(PRESETS) == {"greedy", "precise", "balanced", "creative", "plain"}
+    assert PRESETS["creative"].bot_repetition_penalty == 1.5
+    assert PRESETS["creative"].repetition_penalty == 1.0
+    # plain is balanced sampling with the controls off, so the two measure the controls.
+    assert PRESETS["plain"] == apply_overrides(PRESETS["balanced"], make_overrides(REPETITION_OFF))
+    assert PRESETS["plain"].temperature == PRESETS["balanced"].temperature
+    assert not PRESETS["plain"].avoid_repeats
+
+
+def test_plain_and_repetition_off_switch_every_control_off(gen):
+    request = GenerationRequest("ada: hi\nBot: hello there\nada: hey\nBot:", PRESETS["plain"],
+                                bot_texts=("hello there",))
+    for settings in (PRESETS["plain"], apply_overrides(PRESETS["creative"], make_overrides(REPETITION_OFF))):
+        assert len(gen._logits_processors([request], settings, 20)) == 0
+        _, kwargs = gen._prepare([request], settings, ())
+        assert len(kwargs["logits_processor"]) == 0
+        assert kwargs["repetition_penalty"] == 1.0
+        assert not kwargs["no_repeat_ngram_size"]  # the stock n-gram ban reads the prompt; never on
+
+
+def test_processors_follow_the_settings_and_each_rows_bot_texts(gen):
+    from chatbot.repetition import BotRepetitionPenalty, ReplyNoRepeatNGram
+
+    said = ("hello there", "i like tea")
+    rows = [GenerationRequest("p", bot_texts=said), GenerationRequest("q")]
+    procs = gen._logits_processors(rows, DecodingSettings(), 9)
+    assert [type(p) for p in procs] == [BotRepetitionPenalty, ReplyNoRepeatNGram, ReplyNoRepeatNGram]
+    penalty, in_reply, against_bot = procs
+    # Each turn tokenised as it sits in a transcript, after "Bot:" with its leading space.
+    turns = [gen.tokenizer(" " + t, add_special_tokens=False)["input_ids"] for t in said]
+    assert penalty.bot_token_ids == (tuple(turns[0] + turns[1]), ())
+    assert penalty.penalty == 1.3 and penalty.prompt_length == 9
+    assert (in_reply.ngram_size, in_reply.bot_turns_given) == (3, False)
+    assert (against_bot.ngram_size, against_bot.bot_turns_given, len(against_bot._turn_bans)) == (4, True, 2)
+    assert against_bot._turn_bans[1] == {}
+
+    # Without any bot turn there is nothing to check the reply against.
+    assert [type(p) for p in gen._logits_processors([GenerationRequest("p")], DecodingSettings(), 9)] == [
+        BotRepetitionPenalty, ReplyNoRepeatNGram]
+    only_ngrams = DecodingSettings(bot_repetition_penalty=1.0, no_repeat_ngram_size=0, bot_no_repeat_ngram_size=2)
+    assert [type(p) for p in gen._logits_processors(rows, only_ngrams, 9)] == [ReplyNoRepeatNGram]
+
+
+def test_user_words_are_not_penalised(gen):
+    """A phrase from the user's turn stays free to be said: only the bot's own words count."""
+    import torch
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    phrase = gen.tokenizer(" i like pasta", add_special_tokens=False)["input_ids"]
+    assert len(phrase) >= 3
+    prompt = gen.tokenizer("ada: i like pasta\nBot:", add_special_tokens=False)["input_ids"]
+    settings = DecodingSettings(no_repeat_ngram_size=3, bot_repetition_penalty=2.0)
+    procs = gen._logits_processors([GenerationRequest("ada: i like pasta\nBot:", settings)], settings, len(prompt))
+    # The reply has begun the user's phrase; its next token must keep its score.
+    input_ids = torch.tensor([prompt + phrase[:-1]])
+    scores = torch.ones((1, len(gen.tokenizer)))
+    out = procs(input_ids, scores)
+    assert out[0, phrase[-1]] == 1.0
+    # The stock processor that used to run here would have banned it (the prompt holds the phrase).
+    assert NoRepeatNGramLogitsProcessor(len(phrase))(input_ids, scores.clone())[0, phrase[-1]] == -float("inf")
+
+
+def _clean_greedy_reply(gen):
+    """A prompt and the tiny model's bare greedy reply to it, for a reply that decodes cleanly.
+
+    The random tiny model also produces byte-fallback pieces that decode to U+FFFD and do not
+    tokenise back to what was generated; such a reply is no use as a bot turn.
+    """
+    stops = tuple(gen.format.stop_strings(["ada", "Bot"]))
+    for user in ["hi", "do you have any pets?", "what did you eat today?", "yo"]:
+        prompt = f"ada: {user}\nBot:"
+        text = gen.generate([GenerationRequest(prompt, GREEDY, stops)])[0].text
+        if "\ufffd" not in text and len(gen._bot_turn_ids([text])[0]) >= 3:
+            return prompt, stops, text
+    raise AssertionError("no prompt gave a clean greedy reply")
+
+
+def _reply_ids(gen, request):
+    """The token ids `generate` produces for ``request``, before any decoding or cutting."""
+    import torch
+
+    enc, kwargs = gen._prepare([request], request.settings, request.stop_strings)
+    with torch.inference_mode():
+        out = gen.model.generate(**enc, **kwargs)
+    return out[0, enc["input_ids"].shape[1]:].tolist()
+
+
+def test_bot_texts_keep_the_reply_off_the_bots_earlier_turn(gen):
+    prompt, stops, earlier = _clean_greedy_reply(gen)
+    # Same prompt: only the bot_texts and the controls differ.
+    controls = GREEDY.model_copy(update={"bot_no_repeat_ngram_size": 2, "bot_repetition_penalty": 5.0})
+    request = GenerationRequest(prompt, controls, stops, (earlier,))
+    reply = gen.generate([request])[0].text
+    assert reply != earlier
+
+    said = gen._bot_turn_ids([earlier])[0]
+    said_pairs = set(zip(said, said[1:]))
+    new = _reply_ids(gen, GenerationRequest(prompt, controls, (), (earlier,)))
+    assert len(new) >= 2
+    assert not said_pairs & set(zip(new, new[1:]))
+
+
+def test_stream_applies_the_controls_too(gen):
+    prompt, stops, earlier = _clean_greedy_reply(gen)
+    controls = GREEDY.model_copy(update={"bot_no_repeat_ngram_size": 2, "bot_repetition_penalty": 5.0})
+    request = GenerationRequest(prompt, controls, stops, (earlier,))
+    streamed = "".join(gen.stream(request))
+    assert streamed != earlier
+    assert streamed == gen.generate([request])[0].text
+
+
+def test_batch_rows_with_different_bot_texts_equal_one_by_one(gen):
+    settings = DecodingSettings(temperature=0, max_new_tokens=12)  # every control on, defaults
+    requests = [
+        GenerationRequest("ada: hi\nBot: hello there\nada: hi\nBot:", settings, bot_texts=("hello there",)),
+        GenerationRequest("bob: what did you eat today? i had pasta\nBot:", settings),
+        GenerationRequest("cy: yo\nBot: yo yo\ncy: yo\nBot: what is up\ncy: yo\nBot:", settings,
+                          bot_texts=("yo yo", "what is up")),
+    ]
+    one_by_one = [gen.generate([r])[0].text for r in requests]
+    assert [r.text for r in gen.generate(requests)] == one_by_one
+
+
+def test_request_keeps_its_positional_fields():
+    request = GenerationRequest("p", GREEDY, ("\n",))
+    assert (request.prompt, request.settings, request.stop_strings, request.bot_texts) == ("p", GREEDY, ("\n",), ())
