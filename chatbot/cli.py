@@ -130,6 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoding_options(c, preset_help="decoding preset for this conversation, kept for later runs "
                                          "(default: the persona's)")
 
+    sc = sub.add_parser("selfchat", parents=[common], help="measure repetition with the controls on and off",
+                        description="Replay N-turn conversations through the engine against a scripted partner (or "
+                                    "the engine under another persona), with the same seeds for both arms, and print "
+                                    "repeated-turn rate, looping replies, distinct-1/2 and mean reply length with the "
+                                    "repetition controls on and off.")
+    sc.add_argument("--config", default=None, help="settings file (TOML)")
+    _model_option(sc)
+    sc.add_argument("--persona", default=None, help="persona under test (default: the settings')")
+    sc.add_argument("--preset", default=None, help="decoding preset of the 'on' arm (default: the persona's)")
+    sc.add_argument("--conversations", type=int, default=8, help="conversations per arm (default %(default)s)")
+    sc.add_argument("--turns", type=int, default=10, help="bot replies per conversation (default %(default)s)")
+    sc.add_argument("--seed", type=int, default=0, help="base seed; both arms use the same seeds (default %(default)s)")
+    sc.add_argument("--partner", choices=["scripted", "bot"], default="scripted",
+                    help="who talks to the bot: fixed chit-chat lines, or the engine itself (default %(default)s)")
+    sc.add_argument("--partner-persona", default="playful", help="persona of the bot partner (default %(default)s)")
+
     se = sub.add_parser("safety-eval", parents=[common], help="precision, recall and false positives of the output filter",
                         description="Run the output toxicity filter over labelled sentences (JSONL lines with "
                                     "\"text\", \"label\": toxic|benign, \"kind\") and print how much it blocks.")
@@ -351,6 +367,50 @@ def _chat_command(run: Any, engine: Any, conversation_id: str, text: str) -> str
     return f"(unknown command {command}; /help lists them)"
 
 
+def cmd_selfchat(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .config import Settings
+    from .engine import ChatEngine
+    from .selfchat import arms, format_table, run_arm, sample_lines
+
+    if args.conversations < 1 or args.turns < 1:
+        raise ChatbotError("`--conversations` and `--turns` must be at least 1")
+    settings = Settings.load(args.config, model=args.model, device=args.device,
+                             allow_download=args.allow_download or None, memory_path=":memory:",
+                             persona=args.persona, preset=args.preset)
+    engine = ChatEngine.from_settings(settings)
+    if args.partner == "bot":
+        engine.persona(args.partner_persona)
+    total = args.conversations * args.turns * 2
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="selfchat", unit="reply", leave=False)
+
+    async def run_all() -> list[Any]:
+        try:
+            return [await run_arm(engine, name, conversations=args.conversations, turns=args.turns, seed=args.seed,
+                                  partner=args.partner, partner_persona=args.partner_persona, decoding=decoding,
+                                  progress=bar.update if bar else None) for name, decoding in arms()]
+        finally:
+            await engine.close()
+
+    results = asyncio.run(run_all())
+    if bar:
+        bar.close()
+    persona, preset = engine.default_persona, settings.preset or engine.default_persona.preset
+    print(f"selfchat: {args.conversations} conversations x {args.turns} replies per arm, persona {persona.name} "
+          f"(preset {preset}), {args.partner} partner, seed {args.seed}, model {engine.generator.name}")
+    print(format_table(results))
+    for result in results:
+        print(f"\nfirst conversation, controls {result.name}:")
+        for line in sample_lines(result):
+            print(f"  {persona.speaker}: {line}")
+    return 0
+
+
 def cmd_safety_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -378,7 +438,8 @@ def cmd_safety_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "chat": cmd_chat, "safety-eval": cmd_safety_eval}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "chat": cmd_chat, "safety-eval": cmd_safety_eval,
+            "selfchat": cmd_selfchat}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

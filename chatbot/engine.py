@@ -276,6 +276,11 @@ class ChatEngine:
         get_preset(preset_name)
         return chosen, preset_name
 
+    def _decoding(self, persona: Persona, preset: str, overrides: Any) -> DecodingSettings:
+        """The preset, then the persona's decoding table, then the settings', then this call's."""
+        settings = apply_overrides(get_preset(preset), make_overrides(persona.decoding or None))
+        return apply_overrides(apply_overrides(settings, self.settings.decoding), make_overrides(overrides))
+
     async def set_persona(self, conversation_id: str, name: str | None) -> Persona:
         """Choose this conversation's persona (kept across restarts); None goes back to the default."""
         check_conversation_id(conversation_id)
@@ -462,7 +467,7 @@ class ChatEngine:
         log.info("%s: refused an abusive message (%s)", conversation_id, "; ".join(verdict.reasons))
         options = await self.store.get_options(conversation_id)
         chosen, preset_name = self._resolve(options, persona, preset)
-        settings = apply_overrides(self.settings.decoding_settings(preset_name), make_overrides(decoding))
+        settings = self._decoding(chosen, preset_name, decoding)
         return Reply(text=self.settings.refusal_reply, conversation_id=conversation_id, persona=chosen.name,
                      speaker=chosen.speaker, finish_reason="refused", prompt_tokens=0, reply_tokens=0,
                      window_turns=0, dropped_turn_ids=(), cut_turn_ids=(), user_turn_id=None, bot_turn_id=None,
@@ -578,7 +583,7 @@ class ChatEngine:
         await self._maybe_expire()
         options = await self.store.get_options(conversation_id)
         chosen, preset_name = self._resolve(options, persona, preset)
-        settings = apply_overrides(self.settings.decoding_settings(preset_name), make_overrides(decoding))
+        settings = self._decoding(chosen, preset_name, decoding)
         budget = self.generator.context_size - settings.max_new_tokens
         if budget < 1:
             raise ChatbotError(f"`max_new_tokens` must be below the model's context of "

@@ -28,7 +28,8 @@ def settings_error_message(err: ValidationError) -> str:
             parts.append(f"`{name}` is not a known setting")
         else:
             msg = e["msg"].replace("Input should be", "must be").replace("Value error, ", "")
-            parts.append(f"`{name}` {msg}, got {e.get('input')!r}")
+            # A nested check already names its own setting and value.
+            parts.append(msg if msg.startswith("`") else f"`{name}` {msg}, got {e.get('input')!r}")
     return "; ".join(parts)
 
 

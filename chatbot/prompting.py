@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -206,6 +206,19 @@ class Persona(BaseModel):
     """Default decoding preset (see `chatbot.generation.PRESETS`)."""
     examples: tuple[PersonaExample, ...] = ()
     """Example exchanges pinned after the description."""
+    decoding: dict[str, Any] = Field(default_factory=dict)
+    """Decoding settings on top of the preset for this persona, e.g. ``{bot_repetition_penalty = 1.5}``."""
+
+    @field_validator("decoding")
+    @classmethod
+    def _decoding(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from .generation import make_overrides
+
+        try:
+            make_overrides(value)
+        except ChatbotError as err:
+            raise ValueError(str(err).replace("`", "`decoding.", 1)) from None
+        return value
 
     @field_validator("speaker")
     @classmethod

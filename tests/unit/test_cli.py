@@ -130,3 +130,31 @@ def test_train_without_a_terminal_reports_validation_losses(capsys, caplog, tmp_
     # pytest holds the root logger, so the lines land in caplog rather than on stderr.
     assert "step 2: train loss" in caplog.text and "step 4: train loss" in caplog.text
     assert "validation perplexity" in out and f"wrote {tmp_path / 'm'}" in out
+
+
+def test_selfchat_prints_both_arms(capsys, monkeypatch, tiny_dir, chat_env):
+    code, out, err = run(capsys, "selfchat", "--model", str(tiny_dir), "--conversations", "2", "--turns", "3")
+    assert code == 0, err
+    assert "controls on" in out and "controls off" in out
+    for metric in ("repeated-turn rate", "looping replies", "distinct-1", "distinct-2", "mean reply tokens"):
+        assert metric in out
+    # Same seeds, same partner: the two runs are reproducible.
+    _, again, _ = run(capsys, "selfchat", "--model", str(tiny_dir), "--conversations", "2", "--turns", "3")
+    strip = lambda text: [line for line in text.splitlines() if not line.startswith("seconds")]  # noqa: E731
+    assert strip(again) == strip(out)
+
+
+def test_safety_eval_reports_the_rates(capsys, tmp_path):
+    data = tmp_path / "set.jsonl"
+    data.write_text('{"text": "you are an idiot", "label": "toxic", "kind": "plain"}\n'
+                    '{"text": "have a nice day", "label": "benign", "kind": "ordinary"}\n')
+    code, out, _ = run(capsys, "safety-eval", str(data))
+    assert code == 0
+    assert "precision 1.000   recall 1.000   false-positive rate 0.000" in out
+
+
+def test_safety_eval_bad_file_is_one_line(capsys, tmp_path):
+    data = tmp_path / "set.jsonl"
+    data.write_text('{"text": "hi"}\n')
+    code, _, err = run(capsys, "safety-eval", str(data))
+    assert code == 2 and err.strip() == f'error: {data}:1: needs a "text" string and a "label" of toxic or benign'

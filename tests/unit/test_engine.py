@@ -471,3 +471,13 @@ async def test_streaming_stops_before_an_unsafe_sentence(engine, gen, monkeypatc
     assert "".join(pieces) == "hello there. " or "".join(pieces).strip() == "hello there."
     assert stream.reply.finish_reason == "unsafe" and "idiot" not in stream.reply.text
     assert (await engine.history("cli:t"))[-1].text == stream.reply.text
+
+
+async def test_a_personas_decoding_table_applies(gen, tiny_prompts, monkeypatch):
+    (tiny_prompts / "firm.toml").write_text('name = "firm"\nspeaker = "Firm"\npreset = "greedy"\n'
+                                            '[decoding]\nbot_repetition_penalty = 2.0\nmax_new_tokens = 5\n')
+    engine = make_engine(gen, InMemoryStore(), tiny_prompts, decoding={})
+    reply = await engine.respond("cli:t", "ada", "hi", persona="firm")
+    assert reply.settings.bot_repetition_penalty == 2.0 and reply.settings.max_new_tokens == 5
+    assert reply.settings.temperature == 0
+    await engine.close()
