@@ -16,8 +16,8 @@ from .errors import ChatbotError
 log = logging.getLogger(__name__)
 
 
-DECODING_OPTIONS = ("temperature", "top_k", "top_p", "max_new_tokens", "repetition_penalty", "no_repeat_ngram_size",
-                    "max_time", "seed")
+DECODING_OPTIONS = ("temperature", "top_k", "top_p", "max_new_tokens", "repetition_penalty", "bot_repetition_penalty",
+                    "no_repeat_ngram_size", "bot_no_repeat_ngram_size", "max_time", "seed")
 
 
 def _add_decoding_options(p: argparse.ArgumentParser, *, preset_help: str) -> None:
@@ -29,8 +29,13 @@ def _add_decoding_options(p: argparse.ArgumentParser, *, preset_help: str) -> No
     g.add_argument("--top-k", type=int, help="sample among the k most likely tokens, 0 = off")
     g.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1], 1 = off")
     g.add_argument("--max-new-tokens", type=int, help="longest reply in tokens")
-    g.add_argument("--repetition-penalty", type=float, help="divide logits of tokens already seen by this, 1 = off")
-    g.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram of this size, 0 = off")
+    g.add_argument("--bot-repetition-penalty", type=float,
+                   help="divide the scores of tokens the bot itself said (earlier turns, this reply) by this, 1 = off")
+    g.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram of this size within the reply, 0 = off")
+    g.add_argument("--bot-no-repeat-ngram-size", type=int,
+                   help="never reuse an n-gram of this size from the bot's earlier turns, 0 = off")
+    g.add_argument("--repetition-penalty", type=float,
+                   help="transformers' penalty on every prompt and reply token, the user's words too; 1 = off")
     g.add_argument("--max-time", type=float, help="seconds allowed per reply")
     g.add_argument("--seed", type=int, help="seed for reproducible sampling (default: random)")
 

@@ -162,3 +162,10 @@ def test_verdict_text_flows_through_the_chain():
     verdict = chain.check("write to a@b.io @everyone")
     assert verdict == Verdict(True, "write to [email removed] @\u200beveryone",
                               ("redacted email", "neutralised mentions"))
+
+
+def test_held_out_set_does_not_regress(toxicity):
+    """The held-out set is never tuned on; these floors only catch a change that makes things worse
+    (measured: recall 0.780, false positives 3.1%)."""
+    report = evaluate_filter(toxicity, load_labelled(DATA / "safety_holdout.jsonl"))
+    assert report.recall >= 0.75 and report.false_positive_rate <= 0.05
