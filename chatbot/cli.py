@@ -374,6 +374,7 @@ def _chat_command(run: Any, engine: Any, conversation_id: str, text: str) -> str
 
 def cmd_selfchat(args: argparse.Namespace) -> int:
     import asyncio
+    from pathlib import Path
 
     from .config import Settings
     from .engine import ChatEngine
@@ -407,7 +408,7 @@ def cmd_selfchat(args: argparse.Namespace) -> int:
         bar.close()
     persona, preset = engine.default_persona, settings.preset or engine.default_persona.preset
     print(f"selfchat: {args.conversations} conversations x {args.turns} replies per arm, persona {persona.name} "
-          f"(preset {preset}), {args.partner} partner, seed {args.seed}, model {engine.generator.name}")
+          f"(preset {preset}), {args.partner} partner, seed {args.seed}, model {Path(engine.generator.name).name}")
     print(format_table(results))
     for result in results:
         print(f"\nfirst conversation, controls {result.name}:")
