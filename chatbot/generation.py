@@ -155,6 +155,9 @@ class GenerationRequest:
     stop_strings: tuple[str, ...] = ()
     bot_texts: tuple[str, ...] = ()
     """The text of each of the bot's earlier turns in the prompt, oldest first; the repetition controls read it."""
+    trim_to_sentence: bool = True
+    """Cut a reply that ran out of tokens back to its last full sentence (chat); off for plain completion,
+    where `generate` must give exactly the text `stream` shows."""
 
 
 @dataclass(frozen=True)
@@ -486,6 +489,10 @@ class LocalGenerator:
                     text = kept
                     break
                 safe = len(text) - _stop_prefix_len(text, stops)
+                # Trailing spaces wait for the next word: if a stop string comes next they are
+                # dropped, as `generate` strips them, so both give the same text.
+                while safe > sent and text[safe - 1].isspace():
+                    safe -= 1
                 if safe > sent:
                     out = text[sent:safe]
                     if sent == 0:
@@ -518,7 +525,7 @@ class LocalGenerator:
         seconds = time.perf_counter() - start
         prompt_len = enc["input_ids"].shape[1]
         results = []
-        for row, mask in zip(out, enc["attention_mask"]):
+        for request, row, mask in zip(requests, out, enc["attention_mask"]):
             new = row[prompt_len:]
             raw = tok.decode(new, skip_special_tokens=False)
             text, stopped = cut_at_stop(raw, list(stops) + [tok.eos_token])
@@ -529,7 +536,8 @@ class LocalGenerator:
                 reason = "time"
             else:
                 reason = "length"
-                text = _trim_to_sentence(text)
+                if request.trim_to_sentence:
+                    text = _trim_to_sentence(text)
             results.append(GenerationResult(text.strip(), int(mask.sum()), n_new, reason, seconds))
         return results
 

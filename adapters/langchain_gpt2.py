@@ -1,0 +1,496 @@
+"""LangChain faces of the engine: `GPT2LLM` (text completion), `ChatGPT2` (chat model) and
+`ChatbotMessageHistory` (message history on the engine's memory store).
+
+Both models run the project's `LocalGenerator`, so they get what the engine gets: real
+batching on the model (left-padded), multi-token stop strings on every path, replies that
+never contain the prompt, the repetition controls, and (unless ``safety=False``) the same
+output filters: toxic text regenerated then replaced, personal data redacted, mass mentions
+neutralised. Models are loaded once per (model, device) and shared by every instance.
+
+    from adapters.langchain_gpt2 import GPT2LLM, ChatGPT2, ChatbotMessageHistory
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from functools import lru_cache
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, BaseLLM, LangSmithParams
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+)
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, Generation, GenerationChunk, LLMResult
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+from adapters.langchain_history import ChatbotMessageHistory
+from chatbot.conversation import Turn, build_window
+from chatbot.errors import ChatbotError
+from chatbot.generation import (
+    DecodingSettings,
+    GenerationRequest,
+    GenerationResult,
+    apply_overrides,
+    get_preset,
+    make_overrides,
+    resolve_model,
+)
+from chatbot.prompting import Utterance, clean_speaker, get_persona
+from chatbot.safety import FilterChain, break_special_tokens, neutralise_speaker_tags, normalise, output_chain
+
+__all__ = ["GPT2LLM", "ChatGPT2", "ChatbotMessageHistory"]
+
+_DECODING_FIELDS = ("temperature", "top_k", "top_p", "max_new_tokens", "repetition_penalty", "bot_repetition_penalty",
+                    "no_repeat_ngram_size", "bot_no_repeat_ngram_size", "max_time", "seed")
+
+
+@lru_cache(maxsize=8)
+def _shared_generator(model: str, device: str, allow_download: bool) -> tuple[Any, threading.Lock]:
+    """One loaded model per (model, device) in the process, with the lock that serialises its use.
+
+    LangChain runs sync calls from its own thread pool (``ainvoke``, ``abatch`` with a
+    concurrency limit); the generator is not safe to enter from two threads at once
+    (global torch seed, tokenizer padding state), so calls take turns on it.
+    """
+    from chatbot.generation import LocalGenerator
+
+    return LocalGenerator.from_pretrained(model, device=device, allow_download=allow_download), threading.Lock()
+
+
+class _GPT2Mixin(BaseModel):
+    """Fields and machinery shared by the LLM and the chat model."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, protected_namespaces=())
+
+    model: str | None = None
+    """Model directory, or a hub name already cached; None means the shipped chit-chat model."""
+    device: str = "auto"
+    allow_download: bool = False
+    preset: str = "balanced"
+    """Decoding preset the fields below override."""
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    max_new_tokens: int | None = None
+    repetition_penalty: float | None = None
+    bot_repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
+    bot_no_repeat_ngram_size: int | None = None
+    max_time: float | None = None
+    seed: int | None = None
+    safety: bool = True
+    """Run the output filters (toxicity, personal data, mentions) on every result."""
+    toxicity_threshold: float = 0.9
+    unsafe_retries: int = 2
+    unsafe_fallback: str = "Let's talk about something else."
+    generator: Any = Field(default=None, exclude=True)
+    """A ready `Generator` to use instead of loading ``model`` (tests, or sharing the engine's)."""
+
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _filters: FilterChain | None = PrivateAttr(default=None)
+
+    def _setup(self) -> None:
+        self.decoding()  # every value checked now, with the field named
+        if self.generator is None:
+            generator, lock = _shared_generator(resolve_model(self.model), self.device, self.allow_download)
+            object.__setattr__(self, "generator", generator)
+            self._lock = lock
+        if self.safety:
+            self._filters = output_chain(toxicity_threshold=self.toxicity_threshold)
+
+    def decoding(self, **overrides: Any) -> DecodingSettings:
+        """The preset with this instance's fields, then the call's ``overrides``, on top."""
+        given = {name: getattr(self, name) for name in _DECODING_FIELDS if getattr(self, name) is not None}
+        unknown = sorted(set(overrides) - set(DecodingSettings.model_fields))
+        if unknown:
+            raise ValueError(f"unknown keyword argument(s) {', '.join(unknown)}; decoding settings are "
+                             f"{', '.join(DecodingSettings.model_fields)}")
+        try:
+            base = apply_overrides(get_preset(self.preset), make_overrides(given))
+            return apply_overrides(base, make_overrides(overrides))
+        except ChatbotError as err:
+            raise ValueError(str(err)) from None
+
+    @property
+    def _model_name(self) -> str:
+        return str(getattr(self.generator, "name", resolve_model(self.model)))
+
+    def _params(self) -> dict[str, Any]:
+        return {"model": self._model_name, "preset": self.preset, "safety": self.safety,
+                **self.decoding().model_dump()}
+
+    # -- generation with the filters ------------------------------------------------
+
+    def _run(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        with self._lock:
+            return self.generator.generate(requests)
+
+    def _generate_checked(self, requests: list[GenerationRequest]) -> list[tuple[GenerationResult, str, tuple[str, ...]]]:
+        """Results with their filtered text and the filters' reasons; unsafe ones regenerated (batched), then replaced."""
+        results = self._run(requests)
+        texts: list[str | None] = [None] * len(requests)
+        reasons: list[list[str]] = [[] for _ in requests]
+        pending = list(range(len(requests)))
+        for attempt in range(self.unsafe_retries + 1):
+            retry = []
+            for i in pending:
+                if self._filters is None:
+                    texts[i] = results[i].text
+                    continue
+                verdict = self._filters.check(results[i].text)
+                reasons[i].extend(verdict.reasons)
+                if verdict.allowed:
+                    texts[i] = verdict.text
+                else:
+                    retry.append(i)
+            if not retry or attempt == self.unsafe_retries:
+                pending = retry
+                break
+            again = self._run([_reseeded(requests[i], attempt + 1) for i in retry])
+            for i, result in zip(retry, again):
+                results[i] = result
+            pending = retry
+        for i in pending:
+            texts[i] = self.unsafe_fallback
+        return [(results[i], texts[i] or "", tuple(reasons[i])) for i in range(len(requests))]
+
+    def _stream_checked(self, request: GenerationRequest) -> Iterator[str]:
+        """The generator's pieces; with the filters on, released a sentence at a time once checked."""
+        with self._lock:
+            pieces = self.generator.stream(request)
+            try:
+                if self._filters is None:
+                    yield from pieces
+                    return
+                raw = shown = ""
+                for piece in pieces:
+                    raw += piece
+                    if not _ends_sentence(raw):
+                        continue
+                    verdict = self._filters.check(raw)
+                    if not verdict.allowed:
+                        if not shown:
+                            yield self.unsafe_fallback
+                        return
+                    if len(verdict.text) > len(shown):
+                        yield verdict.text[len(shown):]
+                        shown = verdict.text
+                if raw:
+                    verdict = self._filters.check(raw)
+                    if not verdict.allowed:
+                        if not shown:
+                            yield self.unsafe_fallback
+                    elif len(verdict.text) > len(shown):
+                        yield verdict.text[len(shown):]
+            finally:
+                pieces.close()
+
+
+def _reseeded(request: GenerationRequest, attempt: int) -> GenerationRequest:
+    s = request.settings
+    update: dict[str, Any] = {"seed": None if s.seed is None else s.seed + 1000 * attempt}
+    if s.greedy:
+        update["temperature"] = 0.7  # greedy decoding would only produce the same text again
+    return GenerationRequest(request.prompt, s.model_copy(update=update), request.stop_strings, request.bot_texts,
+                             request.trim_to_sentence)
+
+
+def _ends_sentence(text: str) -> bool:
+    stripped = text.rstrip()
+    return len(stripped) < len(text) and stripped[-1:] in ".!?…"
+
+
+async def _aiter_sync(make: Any) -> AsyncIterator[Any]:
+    """Iterate a blocking iterator on a worker thread without blocking the event loop."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    stop = threading.Event()
+
+    def work() -> None:
+        iterator = make()
+        try:
+            for item in iterator:
+                loop.call_soon_threadsafe(queue.put_nowait, ("item", item))
+                if stop.is_set():
+                    break
+        except Exception as err:
+            loop.call_soon_threadsafe(queue.put_nowait, ("error", err))
+            return
+        finally:
+            getattr(iterator, "close", lambda: None)()
+        loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
+
+    worker = loop.run_in_executor(None, work)
+    try:
+        while True:
+            kind, value = await queue.get()
+            if kind == "item":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                break
+    finally:
+        stop.set()
+        await asyncio.shield(worker)
+
+
+# --------------------------------------------------------------------------- the LLM
+
+
+class GPT2LLM(_GPT2Mixin, BaseLLM):
+    """A GPT-2 text-completion model: ``llm.invoke("Once upon a time")`` returns the continuation only.
+
+    ``batch`` runs all prompts as one batch on the model; ``stop`` works on every path,
+    multi-token stops included; ``stream`` yields pieces as they are generated and fires
+    ``on_llm_new_token`` for each.
+    """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    @model_validator(mode="after")
+    def _load(self) -> GPT2LLM:
+        self._setup()
+        return self
+
+    @property
+    def _llm_type(self) -> str:
+        return "gpt2-chatbot"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return self._params()
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        d = self.decoding(**kwargs)
+        params.update(ls_provider="gpt2-chatbot", ls_model_name=self._model_name, ls_temperature=d.temperature,
+                      ls_max_tokens=d.max_new_tokens)
+        return params
+
+    def _request(self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any]) -> GenerationRequest:
+        if not isinstance(prompt, str):
+            raise ValueError(f"a prompt must be a string, got {type(prompt).__name__}")
+        if self.safety:
+            prompt = break_special_tokens(prompt, getattr(self.generator.tokenizer, "all_special_tokens", ()))
+        return GenerationRequest(prompt, self.decoding(**kwargs), tuple(stop or ()), trim_to_sentence=False)
+
+    def _generate(self, prompts: list[str], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
+        requests = [self._request(p, stop, kwargs) for p in prompts]
+        generations = []
+        prompt_tokens = completion_tokens = 0
+        for result, text, reasons in self._generate_checked(requests):
+            prompt_tokens += result.prompt_tokens
+            completion_tokens += result.completion_tokens
+            info = {"finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
+                    "completion_tokens": result.completion_tokens}
+            if reasons:
+                info["safety"] = list(reasons)
+            generations.append([Generation(text=text, generation_info=info)])
+        return LLMResult(generations=generations, llm_output={
+            "model_name": self._model_name,
+            "token_usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                            "total_tokens": prompt_tokens + completion_tokens}})
+
+    def _stream(self, prompt: str, stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
+        request = self._request(prompt, stop, kwargs)
+        for piece in self._stream_checked(request):
+            chunk = GenerationChunk(text=piece)
+            if run_manager:
+                run_manager.on_llm_new_token(piece, chunk=chunk)
+            yield chunk
+
+    async def _astream(self, prompt: str, stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[GenerationChunk]:
+        request = self._request(prompt, stop, kwargs)
+        async for piece in _aiter_sync(lambda: self._stream_checked(request)):
+            chunk = GenerationChunk(text=piece)
+            if run_manager:
+                await run_manager.on_llm_new_token(piece, chunk=chunk)
+            yield chunk
+
+
+# --------------------------------------------------------------------------- the chat model
+
+
+class ChatGPT2(_GPT2Mixin, BaseChatModel):
+    """A chat model on GPT-2: messages become a ``Name: text`` transcript, as in the engine.
+
+    ``SystemMessage`` text leads the prompt (after a persona's description, if one is
+    named); ``HumanMessage``s are spoken by their ``name`` or ``user_name``; ``AIMessage``s
+    by the persona's speaker or ``ai_name``. The oldest messages leave first when the
+    conversation outgrows the model's context, exactly as in the engine's rolling window.
+    There is no tool calling and no structured output: `bind_tools` and
+    `with_structured_output` raise `NotImplementedError` saying so.
+    """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    persona: str | None = None
+    """A persona file from ``prompts/`` (its speaker, description and examples); None for plain names."""
+    user_name: str = "User"
+    ai_name: str = "Bot"
+    window_chunk: int = 8
+
+    @model_validator(mode="after")
+    def _load(self) -> ChatGPT2:
+        if self.persona is not None:
+            try:
+                self._persona = get_persona(self.persona)
+            except ChatbotError as err:
+                raise ValueError(str(err)) from None
+        else:
+            self._persona = None
+        if clean_speaker(self.user_name) != self.user_name or clean_speaker(self.ai_name) != self.ai_name:
+            raise ValueError("`user_name` and `ai_name` must be single-line names without ':'")
+        self._setup()
+        return self
+
+    _persona: Any = PrivateAttr(default=None)
+
+    @property
+    def _llm_type(self) -> str:
+        return "gpt2-chatbot-chat"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {**self._params(), "persona": self.persona}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        d = self.decoding(**kwargs)
+        params.update(ls_provider="gpt2-chatbot", ls_model_name=self._model_name, ls_temperature=d.temperature,
+                      ls_max_tokens=d.max_new_tokens)
+        return params
+
+    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Any:
+        raise NotImplementedError("ChatGPT2 does not support tool calling: a small GPT-2 cannot produce reliable "
+                                  "tool calls. Use a model with tool support for agents.")
+
+    def with_structured_output(self, schema: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("ChatGPT2 does not support structured output: a small GPT-2 cannot follow a "
+                                  "schema. Parse its text yourself, or use a model with structured output.")
+
+    @property
+    def _speaker(self) -> str:
+        return self._persona.speaker if self._persona is not None else self.ai_name
+
+    def _request(self, messages: list[BaseMessage], stop: list[str] | None,
+                 kwargs: dict[str, Any]) -> GenerationRequest:
+        settings = self.decoding(**kwargs)
+        fmt = self.generator.format
+        specials = getattr(self.generator.tokenizer, "all_special_tokens", ())
+        system: list[str] = [self._persona.description] if self._persona is not None else []
+        turns: list[Turn] = []
+        speakers = {self.user_name, self._speaker}
+        for message in messages:
+            speakers.add(message.name or (self._speaker if isinstance(message, AIMessage) else self.user_name))
+        for n, message in enumerate(messages):
+            text = _text(message)
+            if isinstance(message, SystemMessage):
+                system.append(text)
+                continue
+            if isinstance(message, HumanMessage):
+                author, role = message.name or self.user_name, "user"
+                if self.safety:
+                    text = neutralise_speaker_tags(break_special_tokens(normalise(text), specials), speakers)
+            elif isinstance(message, AIMessage):
+                if message.tool_calls:
+                    raise ValueError("ChatGPT2 does not support tool calling; messages with tool calls cannot be sent")
+                author, role = message.name or self._speaker, "bot"
+            else:
+                raise ValueError(f"ChatGPT2 takes system, human and AI messages; got a {type(message).__name__} "
+                                 "(it has no tool calling)")
+            turns.append(Turn("langchain:call", author, role, text, 0.0, n))
+        preamble = " ".join(s for s in system if s.strip())
+        pinned = self._persona.example_turns() if self._persona is not None else []
+
+        def render(pre: str, pin: Sequence[Utterance], kept: Sequence[Turn]) -> str:
+            return fmt.build_prompt(list(pin) + [Utterance(t.author, t.text) for t in kept], self._speaker, pre)
+
+        budget = self.generator.context_size - settings.max_new_tokens
+        if budget < 1:
+            raise ValueError(f"`max_new_tokens` must be below the model's context of {self.generator.context_size} "
+                             f"tokens, got {settings.max_new_tokens}")
+        try:
+            window = build_window(turns, render=render, count_tokens=self.generator.count_tokens, budget=budget,
+                                  preamble=preamble, pinned=pinned, chunk=self.window_chunk)
+        except ChatbotError as err:
+            raise ValueError(str(err)) from None
+        in_window = sorted({t.author for t in window.turns} | {self.user_name, self._speaker})
+        stops = tuple(fmt.stop_strings(in_window)) + tuple(stop or ())
+        bot_texts = tuple(t.text for t in window.turns if t.role == "bot")
+        return GenerationRequest(render(window.preamble, window.pinned, window.turns), settings, stops, bot_texts)
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        request = self._request(messages, stop, kwargs)
+        result, text, reasons = self._generate_checked([request])[0]
+        usage = {"input_tokens": result.prompt_tokens, "output_tokens": result.completion_tokens,
+                 "total_tokens": result.prompt_tokens + result.completion_tokens}
+        meta: dict[str, Any] = {"model_name": self._model_name, "finish_reason": result.finish_reason}
+        if reasons:
+            meta["safety"] = list(reasons)
+        message = AIMessage(content=text, usage_metadata=usage, response_metadata=meta)
+        return ChatResult(generations=[ChatGeneration(message=message)], llm_output={"model_name": self._model_name})
+
+    def _chunks(self, request: GenerationRequest, pieces: list[str]) -> ChatGenerationChunk:
+        """The closing chunk: token usage and finish reason, once the whole reply is known."""
+        prompt_tokens = self.generator.count_tokens(request.prompt)
+        out = self.generator.count_tokens("".join(pieces))
+        usage = {"input_tokens": prompt_tokens, "output_tokens": out, "total_tokens": prompt_tokens + out}
+        finish = "length" if out >= request.settings.max_new_tokens else "stop"
+        return ChatGenerationChunk(message=AIMessageChunk(
+            content="", usage_metadata=usage, chunk_position="last",
+            response_metadata={"model_name": self._model_name, "finish_reason": finish}))
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        request = self._request(messages, stop, kwargs)
+        pieces: list[str] = []
+        for piece in self._stream_checked(request):
+            pieces.append(piece)
+            chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
+            if run_manager:
+                run_manager.on_llm_new_token(piece, chunk=chunk)
+            yield chunk
+        yield self._chunks(request, pieces)
+
+    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        request = self._request(messages, stop, kwargs)
+        pieces: list[str] = []
+        async for piece in _aiter_sync(lambda: self._stream_checked(request)):
+            pieces.append(piece)
+            chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
+            if run_manager:
+                await run_manager.on_llm_new_token(piece, chunk=chunk)
+            yield chunk
+        yield self._chunks(request, pieces)
+
+
+def _text(message: BaseMessage) -> str:
+    content = message.content
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if isinstance(part, str):
+            parts.append(part)
+        elif isinstance(part, dict) and part.get("type") == "text":
+            parts.append(str(part.get("text", "")))
+        else:
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ValueError(f"ChatGPT2 reads text only; got a {kind!r} content block")
+    return "".join(parts)
