@@ -85,6 +85,16 @@ class _GPT2Mixin(BaseModel):
     bot_no_repeat_ngram_size: int | None = None
     max_time: float | None = None
     seed: int | None = None
+    max_tokens: int | None = None
+    """LangChain's standard name for `max_new_tokens` (used when that is not set)."""
+    timeout: float | None = None
+    """LangChain's standard name for `max_time`, in seconds (used when that is not set)."""
+    stop: list[str] | None = None
+    """Stop strings for every call, on top of those a call passes."""
+    max_retries: int = 0
+    """Accepted because LangChain passes it to every model; a local model makes no network call to retry."""
+    streaming: bool = False
+    """When True, `invoke` streams internally (callbacks get every piece)."""
     safety: bool = True
     """Run the output filters (toxicity, personal data, mentions) on every result."""
     toxicity_threshold: float = 0.9
@@ -108,6 +118,11 @@ class _GPT2Mixin(BaseModel):
     def decoding(self, **overrides: Any) -> DecodingSettings:
         """The preset with this instance's fields, then the call's ``overrides``, on top."""
         given = {name: getattr(self, name) for name in _DECODING_FIELDS if getattr(self, name) is not None}
+        if self.max_tokens is not None:
+            given.setdefault("max_new_tokens", self.max_tokens)
+        if self.timeout is not None:
+            given.setdefault("max_time", self.timeout)
+        overrides = {k: v for k, v in overrides.items() if k != "model"}  # LangChain's per-call model name
         unknown = sorted(set(overrides) - set(DecodingSettings.model_fields))
         if unknown:
             raise ValueError(f"unknown keyword argument(s) {', '.join(unknown)}; decoding settings are "
@@ -271,8 +286,10 @@ class GPT2LLM(_GPT2Mixin, BaseLLM):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop, **kwargs)
         d = self.decoding(**kwargs)
-        params.update(ls_provider="gpt2-chatbot", ls_model_name=self._model_name, ls_temperature=d.temperature,
-                      ls_max_tokens=d.max_new_tokens)
+        params.update(ls_provider="gpt2-chatbot", ls_model_name=str(kwargs.get("model", self._model_name)),
+                      ls_temperature=d.temperature, ls_max_tokens=d.max_new_tokens)
+        if stop or self.stop:
+            params["ls_stop"] = [*(self.stop or ()), *(stop or ())]
         return params
 
     def _request(self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any]) -> GenerationRequest:
@@ -280,7 +297,8 @@ class GPT2LLM(_GPT2Mixin, BaseLLM):
             raise ValueError(f"a prompt must be a string, got {type(prompt).__name__}")
         if self.safety:
             prompt = break_special_tokens(prompt, getattr(self.generator.tokenizer, "all_special_tokens", ()))
-        return GenerationRequest(prompt, self.decoding(**kwargs), tuple(stop or ()), trim_to_sentence=False)
+        return GenerationRequest(prompt, self.decoding(**kwargs), (*(self.stop or ()), *(stop or ())),
+                                 trim_to_sentence=False)
 
     def _generate(self, prompts: list[str], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
@@ -369,8 +387,10 @@ class ChatGPT2(_GPT2Mixin, BaseChatModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop, **kwargs)
         d = self.decoding(**kwargs)
-        params.update(ls_provider="gpt2-chatbot", ls_model_name=self._model_name, ls_temperature=d.temperature,
-                      ls_max_tokens=d.max_new_tokens)
+        params.update(ls_provider="gpt2-chatbot", ls_model_name=str(kwargs.get("model", self._model_name)),
+                      ls_temperature=d.temperature, ls_max_tokens=d.max_new_tokens)
+        if stop or self.stop:
+            params["ls_stop"] = [*(self.stop or ()), *(stop or ())]
         return params
 
     def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Any:
@@ -428,7 +448,7 @@ class ChatGPT2(_GPT2Mixin, BaseChatModel):
         except ChatbotError as err:
             raise ValueError(str(err)) from None
         in_window = sorted({t.author for t in window.turns} | {self.user_name, self._speaker})
-        stops = tuple(fmt.stop_strings(in_window)) + tuple(stop or ())
+        stops = (*fmt.stop_strings(in_window), *(self.stop or ()), *(stop or ()))
         bot_texts = tuple(t.text for t in window.turns if t.role == "bot")
         return GenerationRequest(render(window.preamble, window.pinned, window.turns), settings, stops, bot_texts)
 
