@@ -1,0 +1,22 @@
+"""GPT2LLM and ChatGPT2 on the shipped model."""
+
+from langchain_core.messages import HumanMessage
+
+from adapters.langchain_gpt2 import GPT2LLM, ChatGPT2
+
+PROMPTS = ["User: hi!\nBot:", "User: what is your favorite movie?\nBot:", "User: do you like music?\nBot:"]
+
+
+def test_llm_batch_equals_one_by_one_and_stops_at_newlines():
+    llm = GPT2LLM(preset="greedy", max_new_tokens=30)
+    batched = llm.batch(PROMPTS, stop=["\n"])
+    assert batched == [llm.invoke(p, stop=["\n"]) for p in PROMPTS]
+    assert all(text.strip() and "\n" not in text and "User:" not in text for text in batched)
+    assert "".join(llm.stream(PROMPTS[1], stop=["\n"])) == batched[1]
+
+
+def test_chat_model_replies_in_persona():
+    chat = ChatGPT2(persona="playful", seed=0)
+    reply = chat.invoke([HumanMessage("hi! what should we do today?")])
+    assert reply.content.strip() and "Pip:" not in reply.content and "User:" not in reply.content
+    assert reply.usage_metadata["output_tokens"] > 0
