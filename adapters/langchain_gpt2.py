@@ -43,7 +43,14 @@ from chatbot.generation import (
     resolve_model,
 )
 from chatbot.prompting import Utterance, clean_speaker, get_persona
-from chatbot.safety import FilterChain, break_special_tokens, neutralise_speaker_tags, normalise, output_chain
+from chatbot.safety import (
+    FilterChain,
+    break_special_tokens,
+    gate_sentences,
+    neutralise_speaker_tags,
+    normalise,
+    output_chain,
+)
 
 __all__ = ["GPT2LLM", "ChatGPT2", "ChatbotMessageHistory"]
 
@@ -52,16 +59,15 @@ _DECODING_FIELDS = ("temperature", "top_k", "top_p", "max_new_tokens", "repetiti
 
 
 @lru_cache(maxsize=8)
-def _shared_generator(model: str, device: str, allow_download: bool) -> tuple[Any, threading.Lock]:
-    """One loaded model per (model, device) in the process, with the lock that serialises its use.
+def _shared_generator(model: str, device: str, allow_download: bool) -> Any:
+    """One loaded model per (model, device) in the process, shared by every instance.
 
-    LangChain runs sync calls from its own thread pool (``ainvoke``, ``abatch`` with a
-    concurrency limit); the generator is not safe to enter from two threads at once
-    (global torch seed, tokenizer padding state), so calls take turns on it.
+    `LocalGenerator` serialises its own use, so LangChain's thread pool (``ainvoke``,
+    ``abatch`` with a concurrency limit) can call it from any thread.
     """
     from chatbot.generation import LocalGenerator
 
-    return LocalGenerator.from_pretrained(model, device=device, allow_download=allow_download), threading.Lock()
+    return LocalGenerator.from_pretrained(model, device=device, allow_download=allow_download)
 
 
 class _GPT2Mixin(BaseModel):
@@ -103,15 +109,13 @@ class _GPT2Mixin(BaseModel):
     generator: Any = Field(default=None, exclude=True)
     """A ready `Generator` to use instead of loading ``model`` (tests, or sharing the engine's)."""
 
-    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _filters: FilterChain | None = PrivateAttr(default=None)
 
     def _setup(self) -> None:
         self.decoding()  # every value checked now, with the field named
         if self.generator is None:
-            generator, lock = _shared_generator(resolve_model(self.model), self.device, self.allow_download)
-            object.__setattr__(self, "generator", generator)
-            self._lock = lock
+            object.__setattr__(self, "generator",
+                               _shared_generator(resolve_model(self.model), self.device, self.allow_download))
         if self.safety:
             self._filters = output_chain(toxicity_threshold=self.toxicity_threshold)
 
@@ -144,8 +148,7 @@ class _GPT2Mixin(BaseModel):
     # -- generation with the filters ------------------------------------------------
 
     def _run(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        with self._lock:
-            return self.generator.generate(requests)
+        return self.generator.generate(requests)
 
     def _generate_checked(self, requests: list[GenerationRequest]) -> list[tuple[GenerationResult, str, tuple[str, ...]]]:
         """Results with their filtered text and the filters' reasons; unsafe ones regenerated (batched), then replaced."""
@@ -177,35 +180,21 @@ class _GPT2Mixin(BaseModel):
         return [(results[i], texts[i] or "", tuple(reasons[i])) for i in range(len(requests))]
 
     def _stream_checked(self, request: GenerationRequest) -> Iterator[str]:
-        """The generator's pieces; with the filters on, released a sentence at a time once checked."""
-        with self._lock:
-            pieces = self.generator.stream(request)
-            try:
-                if self._filters is None:
-                    yield from pieces
-                    return
-                raw = shown = ""
-                for piece in pieces:
-                    raw += piece
-                    if not _ends_sentence(raw):
-                        continue
-                    verdict = self._filters.check(raw)
-                    if not verdict.allowed:
-                        if not shown:
-                            yield self.unsafe_fallback
-                        return
-                    if len(verdict.text) > len(shown):
-                        yield verdict.text[len(shown):]
-                        shown = verdict.text
-                if raw:
-                    verdict = self._filters.check(raw)
-                    if not verdict.allowed:
-                        if not shown:
-                            yield self.unsafe_fallback
-                    elif len(verdict.text) > len(shown):
-                        yield verdict.text[len(shown):]
-            finally:
-                pieces.close()
+        """The generator's pieces; with the filters on, checked sentences (`safety.gate_sentences`).
+
+        A blocked first sentence gives the fallback text; a later one ends the stream at
+        the last safe sentence, since what was shown cannot be taken back.
+        """
+        pieces = self.generator.stream(request)
+        try:
+            if self._filters is None:
+                yield from pieces
+                return
+            for out, verdict in gate_sentences(pieces, self._filters, fallback=self.unsafe_fallback):
+                if out:
+                    yield out
+        finally:
+            pieces.close()  # stops the model when the caller left early
 
 
 def _reseeded(request: GenerationRequest, attempt: int) -> GenerationRequest:
@@ -215,11 +204,6 @@ def _reseeded(request: GenerationRequest, attempt: int) -> GenerationRequest:
         update["temperature"] = 0.7  # greedy decoding would only produce the same text again
     return GenerationRequest(request.prompt, s.model_copy(update=update), request.stop_strings, request.bot_texts,
                              request.trim_to_sentence)
-
-
-def _ends_sentence(text: str) -> bool:
-    stripped = text.rstrip()
-    return len(stripped) < len(text) and stripped[-1:] in ".!?…"
 
 
 async def _aiter_sync(make: Any) -> AsyncIterator[Any]:

@@ -14,8 +14,8 @@ turns on it rather than fighting over the same cores.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import re
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -36,6 +36,7 @@ from .safety import (
     InputRejected,
     ToxicityFilter,
     break_special_tokens,
+    gate_sentences,
     neutralise_speaker_tags,
     output_chain,
     sanitize_input,
@@ -136,9 +137,6 @@ class _Outcome:
     similarity: float
 
 
-_SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*\s+")
-
-
 class _Clock:
     """Seconds spent in each step of one exchange."""
 
@@ -180,6 +178,11 @@ class _ConversationLocks:
             if entry[1] == 0:
                 self._entries.pop(conversation_id, None)
 
+    async def idle(self) -> None:
+        """Return once no conversation has work in flight or waiting."""
+        while self._entries:
+            await asyncio.sleep(0.02)
+
     def busy(self, conversation_id: str) -> int:
         entry = self._entries.get(conversation_id)
         return entry[1] if entry else 0
@@ -189,8 +192,11 @@ class ReplyStream:
     """Pieces of a reply as they are generated: ``async for piece in stream``.
 
     After the loop ends, `reply` holds the full `Reply` (the bot turn is stored by then).
-    Leaving the loop early stops the generation; the user's turn stays stored and no bot
-    turn is written, and `reply` stays None.
+    Leaving the loop early with ``break`` does not by itself end a Python async generator:
+    use ``async with engine.stream(...) as stream:`` or call `aclose`, which stops the
+    generation and frees the conversation (a dropped stream is closed when it is
+    garbage-collected). The user's turn stays stored, no bot turn is written, and `reply`
+    stays None.
     """
 
     def __init__(self, engine: "ChatEngine", conversation_id: str, author: str, text: str, options: dict[str, Any]):
@@ -201,7 +207,14 @@ class ReplyStream:
         return self._pieces
 
     async def aclose(self) -> None:
+        """Stop the reply and free the conversation (needed only when leaving the loop early)."""
         await self._pieces.aclose()
+
+    async def __aenter__(self) -> ReplyStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     async def text(self) -> str:
         """Consume the whole stream and return the reply text."""
@@ -318,10 +331,11 @@ class ChatEngine:
         return await self.store.export(check_conversation_id(conversation_id))
 
     async def close(self) -> None:
-        """Wait for the reply in progress, then close the store."""
+        """Refuse new messages, let those already accepted finish, then close the store."""
         if self._closed:
             return
         self._closed = True
+        await self._locks.idle()
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
         await self.store.close()
 
@@ -368,49 +382,50 @@ class ChatEngine:
                 return
             context = FilterContext(conversation_id, plan.speakers)
             reasons: list[str] = []
-            shown = ""
-            outcome: _Outcome | None = None
+            shown = raw_tokens = ""
+            finish = "unsafe"
+            attempts = 0
+            started = time.perf_counter()
             for attempt in range(self.settings.unsafe_retries + 1):
+                attempts = attempt + 1
                 request = plan.request if attempt == 0 else plan.retry(attempt)
-                raw = ""
-                unsafe = False
-                async for piece, final in self._sentences(request, conversation_id):
-                    raw += piece
-                    verdict = await asyncio.to_thread(self.output_filter.check, raw, context)
-                    reasons.extend(r for r in verdict.reasons if r not in reasons)
-                    if not verdict.allowed:
-                        unsafe = True
-                        break  # closes the generator, which stops the model
-                    if len(verdict.text) > len(shown):
-                        out = verdict.text[len(shown):]
-                        shown = verdict.text
+                blocked = False
+                async with contextlib.aclosing(self._gated(request, context, conversation_id)) as gated:
+                    async for out, verdict in gated:
+                        reasons.extend(r for r in verdict.reasons if r not in reasons)
+                        if not verdict.allowed:
+                            blocked = True
+                            break
+                        shown += out
                         yield out
-                if not unsafe:
-                    outcome = _Outcome(shown, "stop", self.generator.count_tokens(raw), reasons, attempt + 1, 0.0)
+                if not blocked:
+                    finish = "stop"
                     break
                 if shown:
-                    # Part of the reply is already out; end it at the last safe sentence.
-                    outcome = _Outcome(shown, "unsafe", self.generator.count_tokens(shown), reasons, attempt + 1, 0.0)
-                    break
-            if outcome is None:
-                outcome = _Outcome("", "unsafe", 0, reasons, self.settings.unsafe_retries + 1, 0.0)
+                    break  # part of the reply is already out: it ends at the last safe sentence
+            raw_tokens = shown
+            if finish == "unsafe" and not shown:
                 yield self.settings.unsafe_fallback_reply
-            elif not outcome.text.strip():
+            elif not shown.strip():
                 yield self.settings.fallback_reply
-            else:
-                tokens = outcome.reply_tokens
-                if clock.elapsed() >= plan.settings.max_time:
-                    outcome.finish = "time"
-                elif outcome.finish == "stop" and tokens >= plan.settings.max_new_tokens:
-                    outcome.finish = "length"
-                outcome.similarity = max_similarity(outcome.text, plan.recent_replies)
+            n_tokens = self.generator.count_tokens(raw_tokens) if raw_tokens else 0
+            if finish == "stop":
+                if time.perf_counter() - started >= plan.settings.max_time:
+                    finish = "time"
+                elif n_tokens >= plan.settings.max_new_tokens:
+                    finish = "length"
+            similarity = max_similarity(shown, plan.recent_replies) if shown.strip() else 0.0
             clock.mark("generate")
-            holder.reply = await self._finish(plan, clock, outcome)
+            holder.reply = await self._finish(plan, clock, _Outcome(shown, finish, n_tokens, reasons, attempts,
+                                                                    similarity))
 
-    async def _sentences(self, request: GenerationRequest, conversation_id: str) -> AsyncIterator[tuple[str, bool]]:
-        """The generator's stream regrouped into whole sentences (the last one may be partial).
+    async def _gated(self, request: GenerationRequest, context: FilterContext,
+                     conversation_id: str) -> AsyncIterator[tuple[str, Any]]:
+        """The model's stream as checked sentences (`safety.gate_sentences`), from the worker thread.
 
-        Runs the model on the engine's worker thread; leaving the loop early stops it.
+        Leaving early stops the model at its next token; the worker has finished by the
+        time this generator is closed, so the conversation is never unlocked while its
+        model call still runs.
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -419,8 +434,8 @@ class ChatEngine:
         def work() -> None:
             pieces = self.generator.stream(request)
             try:
-                for piece in pieces:
-                    loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
+                for item in gate_sentences(pieces, self.output_filter, context):
+                    loop.call_soon_threadsafe(queue.put_nowait, ("item", item))
                     if stop.is_set():
                         break
             except Exception as err:
@@ -432,26 +447,21 @@ class ChatEngine:
                     close()  # stops the model at its next token when we left early
             loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
 
-        worker = loop.run_in_executor(self._executor, work)
-        pending = ""
+        try:
+            worker = loop.run_in_executor(self._executor, work)
+        except RuntimeError:  # the executor is shut down
+            raise ChatbotError("the engine is closed") from None
         try:
             while True:
                 kind, value = await queue.get()
-                if kind == "piece":
-                    pending += value
-                    ends = [m.end() for m in _SENTENCE_END.finditer(pending)]
-                    if ends:
-                        yield pending[:ends[-1]], False
-                        pending = pending[ends[-1]:]
+                if kind == "item":
+                    yield value
                 elif kind == "error":
                     raise self._failed(conversation_id, value) from value
                 else:
                     break
-            if pending:
-                yield pending, True
         finally:
             stop.set()
-            # The model thread must be finished before the conversation is unlocked.
             await asyncio.shield(worker)
 
     # ------------------------------------------------------------------ the steps
@@ -575,7 +585,11 @@ class ChatEngine:
         return text
 
     async def _in_worker(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except RuntimeError:  # the executor is shut down
+            raise ChatbotError("the engine is closed") from None
+        return await future
 
     async def _plan(self, conversation_id: str, author: str, text: str, persona: str | None,
                     preset: str | None, decoding: Any) -> _Plan:

@@ -308,6 +308,10 @@ class LocalGenerator:
         # counting gets its own copy, used under its own lock.
         self._counter = copy.deepcopy(tokenizer)
         self._counter_lock = threading.Lock()
+        # One generation at a time, whichever thread asks (the engine's worker, LangChain's
+        # thread pool): torch's seed is global and the tokenizer's padding state is shared.
+        # Held by the thread that runs `model.generate`, never while a caller holds a stream.
+        self._model_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
@@ -346,6 +350,10 @@ class LocalGenerator:
         A sampled reply that comes out empty (the model closed its turn at once) is
         sampled again, at most `EMPTY_RETRIES` times.
         """
+        with self._model_lock:
+            return self._generate_locked(requests)
+
+    def _generate_locked(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         results: list[GenerationResult | None] = [None] * len(requests)
         pending = list(range(len(requests)))
         for attempt in range(EMPTY_RETRIES + 1):
@@ -463,8 +471,6 @@ class LocalGenerator:
                 return closed.is_set()
 
         stops = list(request.stop_strings) + [self.tokenizer.eos_token]
-        enc, kwargs = self._prepare([request], request.settings, request.stop_strings)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, timeout=request.settings.max_time + 30)
         failure: list[BaseException] = []
 
         def run() -> None:
@@ -477,9 +483,18 @@ class LocalGenerator:
             except BaseException as err:  # handed to the consumer below
                 failure.append(err)
                 streamer.end()
+            finally:
+                self._model_lock.release()
 
-        worker = threading.Thread(target=run, name="generate-stream", daemon=True)
-        worker.start()
+        self._model_lock.acquire()
+        try:
+            enc, kwargs = self._prepare([request], request.settings, request.stop_strings)
+            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, timeout=request.settings.max_time + 30)
+            worker = threading.Thread(target=run, name="generate-stream", daemon=True)
+            worker.start()
+        except BaseException:
+            self._model_lock.release()
+            raise
         text, sent = "", 0
         try:
             for piece in streamer:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -534,3 +534,45 @@ def output_chain(*, toxicity_threshold: float = 0.9, blocklist: Sequence[str] = 
         filters.append(PersonalDataFilter())
     filters.append(MentionFilter())
     return FilterChain(filters)
+
+
+SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*\s+")
+"""Where a sentence ends inside streamed text: punctuation, then the space before the next word."""
+
+
+def gate_sentences(pieces: Iterable[str], chain: FilterChain, context: FilterContext | None = None,
+                   fallback: str = "") -> Iterator[tuple[str, Verdict]]:
+    """Release streamed text a checked sentence at a time, as ``(text to show, verdict)`` pairs.
+
+    Each time a sentence completes, the whole text so far goes through ``chain`` and only
+    what it allows (redacted as it says) is released. When a sentence is blocked, a last
+    pair with the blocking verdict is yielded (its text is ``fallback`` if nothing was
+    shown yet, else empty) and the stream ends there. The caller closes ``pieces`` when
+    this generator ends, which stops the model.
+    """
+    raw = shown = ""
+    done = 0  # end of the last checked sentence in `raw`
+
+    def check(upto: int) -> tuple[str, Verdict]:
+        nonlocal shown
+        verdict = chain.check(raw[:upto], context)
+        if not verdict.allowed:
+            return (fallback if not shown else ""), verdict
+        out, shown = verdict.text[len(shown):], verdict.text
+        return out, verdict
+
+    for piece in pieces:
+        raw += piece
+        ends = [m.end() for m in SENTENCE_END.finditer(raw, done)]
+        if not ends:
+            continue
+        done = ends[-1]
+        out, verdict = check(done)
+        if out or not verdict.allowed:
+            yield out, verdict
+        if not verdict.allowed:
+            return
+    if len(raw) > done:
+        out, verdict = check(len(raw))
+        if out or not verdict.allowed:
+            yield out, verdict

@@ -481,3 +481,26 @@ async def test_a_personas_decoding_table_applies(gen, tiny_prompts, monkeypatch)
     assert reply.settings.bot_repetition_penalty == 2.0 and reply.settings.max_new_tokens == 5
     assert reply.settings.temperature == 0
     await engine.close()
+
+
+async def test_a_stream_left_inside_async_with_frees_the_conversation_at_once(engine, gen, monkeypatch):
+    script_model(gen, monkeypatch, " one two three four five six seven eight nine ten eleven twelve")
+    async with engine.stream("cli:t", "ada", "hi", decoding={"max_new_tokens": 60, "no_repeat_ngram_size": 0,
+                                                             "bot_repetition_penalty": 1.0}) as stream:
+        async for _ in stream:
+            break
+    assert engine._locks.busy("cli:t") == 0
+    reply = await asyncio.wait_for(engine.respond("cli:t", "ada", "again"), 30)
+    assert reply.text
+
+
+async def test_close_lets_accepted_messages_finish(gen, tiny_prompts, monkeypatch):
+    record_prompts(gen, monkeypatch, delay=0.3)
+    engine = make_engine(gen, InMemoryStore(), tiny_prompts)
+    first = asyncio.create_task(engine.respond("cli:t", "ada", "one"))
+    second = asyncio.create_task(engine.respond("cli:t", "ada", "two"))
+    await asyncio.sleep(0.05)
+    await engine.close()
+    assert (await first).bot_turn_id and (await second).bot_turn_id
+    with pytest.raises(ChatbotError, match="closed"):
+        await engine.respond("cli:t", "ada", "three")
