@@ -316,14 +316,14 @@ def _stream_reply(loop: Any, engine: Any, conversation_id: str, name: str, text:
     import asyncio
 
     async def show() -> None:
-        stream = engine.stream(conversation_id, name, text)
         started = False
-        async for piece in stream:
-            if not started:
-                persona, _ = await engine.choices(conversation_id)
-                print(f"{persona.speaker}> ", end="", flush=True)
-                started = True
-            print(piece, end="", flush=True)
+        async with engine.stream(conversation_id, name, text) as stream:
+            async for piece in stream:
+                if not started:
+                    persona, _ = await engine.choices(conversation_id)
+                    print(f"{persona.speaker}> ", end="", flush=True)
+                    started = True
+                print(piece, end="", flush=True)
         print()
 
     task = loop.create_task(show())
