@@ -60,7 +60,7 @@ def _model_option(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bot.py", description="GPT-2 chatbot: train, evaluate, generate, chat.")
+    parser = argparse.ArgumentParser(prog="bot.py", description="GPT-2 chatbot: chat in the terminal, train and evaluate models, measure repetition and safety.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="log what happens (to stderr)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
