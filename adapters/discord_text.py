@@ -57,6 +57,9 @@ _PICTOGRAPHIC_RANGES = (
 )
 
 
+_REGIONAL_INDICATORS = "".join(map(chr, range(0x1F1E6, 0x1F200)))
+
+
 def _is_regional_indicator(ch: str) -> bool:
     return 0x1F1E6 <= ord(ch) <= 0x1F1FF
 
@@ -118,12 +121,9 @@ def is_grapheme_boundary(text: str, index: int) -> bool:
             return False
     if _is_regional_indicator(before) and _is_regional_indicator(after):  # GB12, GB13
         # Flags are pairs counted from the start of the run: break only after an even count.
-        run = 0
-        j = index - 1
-        while j >= 0 and _is_regional_indicator(text[j]):
-            run += 1
-            j -= 1
-        return run % 2 == 0
+        # (rstrip counts the run in C; a Python loop made a long run of flags quadratic.)
+        head = text[:index]
+        return (len(head) - len(head.rstrip(_REGIONAL_INDICATORS))) % 2 == 0
     return True  # GB999
 
 
@@ -269,6 +269,7 @@ def _cut(text: str, pos: int, room: int, fences: list[_Fence]) -> tuple[int, str
 
 def _skip_to_content(text: str, pos: int, fences: list[_Fence]) -> int:
     """Where the chunk after a cut at `pos` starts: past the separator the cut left behind."""
+    cut = pos
     while pos < len(text):
         fence = _fence_around(fences, pos, up_to_close=True)
         if fence is None:
@@ -286,8 +287,9 @@ def _skip_to_content(text: str, pos: int, fences: list[_Fence]) -> int:
         if new == pos:
             break
         pos = new
-    # Whitespace followed by a combining mark is one cluster; do not start on the mark.
-    while not is_grapheme_boundary(text, pos):
+    # Whitespace followed by a combining mark is one cluster; do not start on the mark. Never
+    # step back past the cut itself, which a forced cut inside a cluster leaves off a boundary.
+    while pos > cut and not is_grapheme_boundary(text, pos):
         pos -= 1
     return pos
 

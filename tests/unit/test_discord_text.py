@@ -22,7 +22,10 @@ E_ACUTE = "e\u0301"  # e + combining acute
 HEART = "\u2764\ufe0f"
 CLUSTERS = [FAMILY, FLAG_FR, FLAG_DE, THUMB_MEDIUM, RAINBOW_FLAG, SCOTLAND, KEYCAP_ONE, E_ACUTE, HEART]
 
-WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jovial zebras".split()
+WORDS = [
+    "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog",
+    "while", "seven", "wizards", "quietly", "hex", "jovial", "zebras",
+]
 FENCE_LINE = re.compile(r"^ {0,3}```", re.MULTILINE)
 
 
@@ -205,6 +208,14 @@ def test_mixed_emoji_run_is_never_cut_inside_a_cluster():
     # Flags stay pairs: no chunk holds an odd number of regional indicators.
     for chunk in chunks:
         assert sum("\U0001F1E6" <= ch <= "\U0001F1FF" for ch in chunk) % 2 == 0
+
+
+def test_cluster_longer_than_a_message_is_cut_rather_than_unsendable():
+    # Thousands of stacked combining marks are one cluster; cutting it is the only way to send it.
+    text = "e" + "\u0301" * 4500
+    chunks = split_message(text)
+    assert [len(c) for c in chunks] == [2000, 2000, 501]
+    assert "".join(chunks) == text
 
 
 def test_combining_mark_after_a_space_stays_with_it():
