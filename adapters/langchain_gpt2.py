@@ -12,8 +12,6 @@ neutralised. Models are loaded once per (model, device) and shared by every inst
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from functools import lru_cache
 from typing import Any
@@ -32,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from adapters.langchain_history import ChatbotMessageHistory
 from chatbot.conversation import Turn, build_window
+from chatbot.engine import iterate_in_thread
 from chatbot.errors import ChatbotError
 from chatbot.generation import (
     DecodingSettings,
@@ -141,6 +140,15 @@ class _GPT2Mixin(BaseModel):
     def _model_name(self) -> str:
         return str(getattr(self.generator, "name", resolve_model(self.model)))
 
+    def _with_ls_params(self, params: LangSmithParams, stop: list[str] | None, kwargs: dict[str, Any]) -> LangSmithParams:
+        """LangChain's tracing parameters: provider, model (a per-call ``model`` wins), temperature, limits, stops."""
+        d = self.decoding(**kwargs)
+        params.update(ls_provider="gpt2-chatbot", ls_model_name=str(kwargs.get("model", self._model_name)),
+                      ls_temperature=d.temperature, ls_max_tokens=d.max_new_tokens)
+        if stop or self.stop:
+            params["ls_stop"] = [*(self.stop or ()), *(stop or ())]
+        return params
+
     def _params(self) -> dict[str, Any]:
         return {"model": self._model_name, "preset": self.preset, "safety": self.safety,
                 **self.decoding().model_dump()}
@@ -206,41 +214,6 @@ def _reseeded(request: GenerationRequest, attempt: int) -> GenerationRequest:
                              request.trim_to_sentence)
 
 
-async def _aiter_sync(make: Any) -> AsyncIterator[Any]:
-    """Iterate a blocking iterator on a worker thread without blocking the event loop."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-    stop = threading.Event()
-
-    def work() -> None:
-        iterator = make()
-        try:
-            for item in iterator:
-                loop.call_soon_threadsafe(queue.put_nowait, ("item", item))
-                if stop.is_set():
-                    break
-        except Exception as err:
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", err))
-            return
-        finally:
-            getattr(iterator, "close", lambda: None)()
-        loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
-
-    worker = loop.run_in_executor(None, work)
-    try:
-        while True:
-            kind, value = await queue.get()
-            if kind == "item":
-                yield value
-            elif kind == "error":
-                raise value
-            else:
-                break
-    finally:
-        stop.set()
-        await asyncio.shield(worker)
-
-
 # --------------------------------------------------------------------------- the LLM
 
 
@@ -268,13 +241,7 @@ class GPT2LLM(_GPT2Mixin, BaseLLM):
         return self._params()
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = super()._get_ls_params(stop=stop, **kwargs)
-        d = self.decoding(**kwargs)
-        params.update(ls_provider="gpt2-chatbot", ls_model_name=str(kwargs.get("model", self._model_name)),
-                      ls_temperature=d.temperature, ls_max_tokens=d.max_new_tokens)
-        if stop or self.stop:
-            params["ls_stop"] = [*(self.stop or ()), *(stop or ())]
-        return params
+        return self._with_ls_params(super()._get_ls_params(stop=stop, **kwargs), stop, kwargs)
 
     def _request(self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any]) -> GenerationRequest:
         if not isinstance(prompt, str):
@@ -315,7 +282,7 @@ class GPT2LLM(_GPT2Mixin, BaseLLM):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[GenerationChunk]:
         request = self._request(prompt, stop, kwargs)
-        async for piece in _aiter_sync(lambda: self._stream_checked(request)):
+        async for piece in iterate_in_thread(lambda: self._stream_checked(request)):
             chunk = GenerationChunk(text=piece)
             if run_manager:
                 await run_manager.on_llm_new_token(piece, chunk=chunk)
@@ -369,13 +336,7 @@ class ChatGPT2(_GPT2Mixin, BaseChatModel):
         return {**self._params(), "persona": self.persona}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = super()._get_ls_params(stop=stop, **kwargs)
-        d = self.decoding(**kwargs)
-        params.update(ls_provider="gpt2-chatbot", ls_model_name=str(kwargs.get("model", self._model_name)),
-                      ls_temperature=d.temperature, ls_max_tokens=d.max_new_tokens)
-        if stop or self.stop:
-            params["ls_stop"] = [*(self.stop or ()), *(stop or ())]
-        return params
+        return self._with_ls_params(super()._get_ls_params(stop=stop, **kwargs), stop, kwargs)
 
     def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Any:
         raise NotImplementedError("ChatGPT2 does not support tool calling: a small GPT-2 cannot produce reliable "
@@ -475,7 +436,7 @@ class ChatGPT2(_GPT2Mixin, BaseChatModel):
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         request = self._request(messages, stop, kwargs)
         pieces: list[str] = []
-        async for piece in _aiter_sync(lambda: self._stream_checked(request)):
+        async for piece in iterate_in_thread(lambda: self._stream_checked(request)):
             pieces.append(piece)
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
             if run_manager:

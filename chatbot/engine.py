@@ -18,11 +18,11 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeVar
 
 from .config import Settings
 from .conversation import Turn, Window, build_window, check_author, check_conversation_id
@@ -42,9 +42,10 @@ from .safety import (
     sanitize_input,
 )
 
-__all__ = ["ChatEngine", "Reply", "ReplyStream", "EngineBusy", "GenerationFailed", "InputRejected"]
+__all__ = ["ChatEngine", "Reply", "ReplyStream", "EngineBusy", "GenerationFailed", "InputRejected", "iterate_in_thread"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 EXAMPLE_USER = "User"
 """Speaker name of the user side of persona examples. Fixed, not the current author's name,
@@ -427,42 +428,20 @@ class ChatEngine:
         time this generator is closed, so the conversation is never unlocked while its
         model call still runs.
         """
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        stop = threading.Event()
-
-        def work() -> None:
+        def gated() -> Iterator[tuple[str, Any]]:
             pieces = self.generator.stream(request)
             try:
-                for item in gate_sentences(pieces, self.output_filter, context):
-                    loop.call_soon_threadsafe(queue.put_nowait, ("item", item))
-                    if stop.is_set():
-                        break
-            except Exception as err:
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", err))
-                return
+                yield from gate_sentences(pieces, self.output_filter, context)
             finally:
-                close = getattr(pieces, "close", None)
-                if close is not None:
-                    close()  # stops the model at its next token when we left early
-            loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
+                getattr(pieces, "close", lambda: None)()  # stops the model when we left early
 
         try:
-            worker = loop.run_in_executor(self._executor, work)
-        except RuntimeError:  # the executor is shut down
-            raise ChatbotError("the engine is closed") from None
-        try:
-            while True:
-                kind, value = await queue.get()
-                if kind == "item":
-                    yield value
-                elif kind == "error":
-                    raise self._failed(conversation_id, value) from value
-                else:
-                    break
-        finally:
-            stop.set()
-            await asyncio.shield(worker)
+            async for item in iterate_in_thread(gated, self._executor):
+                yield item
+        except ChatbotError:
+            raise
+        except Exception as err:
+            raise self._failed(conversation_id, err) from err
 
     # ------------------------------------------------------------------ the steps
 
@@ -645,3 +624,43 @@ class ChatEngine:
         removed = await self.store.expire(days * 86400)
         if removed:
             log.info("expired %d turns older than %g days", removed, days)
+
+
+async def iterate_in_thread(make: Callable[[], Iterator[T]], executor: Executor | None = None) -> AsyncIterator[T]:
+    """Run a blocking iterator on a worker thread and yield its items without blocking the loop.
+
+    Closing this generator early stops the iterator (it is closed on its own thread) and
+    waits for the thread to finish, so whatever the iterator holds is released by then.
+    Errors from the iterator are raised here.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    stop = threading.Event()
+
+    def work() -> None:
+        iterator = make()
+        try:
+            for item in iterator:
+                loop.call_soon_threadsafe(queue.put_nowait, ("item", item))
+                if stop.is_set():
+                    break
+        except Exception as err:
+            loop.call_soon_threadsafe(queue.put_nowait, ("error", err))
+            return
+        finally:
+            getattr(iterator, "close", lambda: None)()
+        loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
+
+    worker = loop.run_in_executor(executor, work)
+    try:
+        while True:
+            kind, value = await queue.get()
+            if kind == "item":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                break
+    finally:
+        stop.set()
+        await asyncio.shield(worker)

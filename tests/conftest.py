@@ -71,3 +71,21 @@ def tiny_prompts(tmp_path):
     (folder / "other.toml").write_text('name = "other"\nspeaker = "Pip"\npreset = "balanced"\n'
                                        '[[examples]]\nuser = "hi"\nbot = "yo"\n', encoding="utf-8")
     return folder
+
+
+@pytest.fixture(scope="session")
+def roomy_gen(tiny_tokenizer, tmp_path_factory):
+    """A tiny GPT-2 generator with a 256-token context: room for a few turns, small enough to overflow."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from chatbot.generation import LocalGenerator
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tiny_tokenizer.eos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+                        chatbot_prompt_format="transcript")
+    out = tmp_path_factory.mktemp("roomy-gpt2")
+    GPT2LMHeadModel(config).save_pretrained(out)
+    tiny_tokenizer.save_pretrained(out)
+    return LocalGenerator.from_pretrained(out, device="cpu")

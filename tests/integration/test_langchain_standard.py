@@ -21,31 +21,12 @@ Configured honestly for a small GPT-2. The suite skips these standard tests, for
 
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
-from adapters.langchain_gpt2 import ChatGPT2
 from chatbot.generation import DEFAULT_MODEL
 
+from ..unit.test_langchain_standard import GPT2Capabilities
 
-class TestChatGPT2Integration(ChatModelIntegrationTests):
-    @property
-    def chat_model_class(self):
-        return ChatGPT2
 
+class TestChatGPT2Integration(GPT2Capabilities, ChatModelIntegrationTests):
     @property
     def chat_model_params(self):
         return {"model": str(DEFAULT_MODEL), "device": "cpu", "seed": 0}
-
-    @property
-    def has_tool_calling(self):
-        return False
-
-    @property
-    def has_structured_output(self):
-        return False
-
-    @property
-    def returns_usage_metadata(self):
-        return True
-
-    @property
-    def supports_model_override(self):
-        return False

@@ -9,26 +9,15 @@ from chatbot.config import Settings
 from chatbot.conversation import InvalidConversationId
 from chatbot.engine import ChatEngine, EngineBusy, GenerationFailed, InputRejected
 from chatbot.errors import ChatbotError
-from chatbot.generation import GenerationResult, LocalGenerator
+from chatbot.generation import GenerationResult
 from chatbot.memory import InMemoryStore, SQLiteMemoryStore
 
 FAST = {"max_new_tokens": 6}
 
 
-@pytest.fixture(scope="module")
-def gen(tiny_tokenizer, tmp_path_factory):
-    """A tiny GPT-2 with a 256-token context: room for a few turns, small enough to overflow."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=tiny_tokenizer.eos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
-                        chatbot_prompt_format="transcript")
-    out = tmp_path_factory.mktemp("engine-gpt2")
-    GPT2LMHeadModel(config).save_pretrained(out)
-    tiny_tokenizer.save_pretrained(out)
-    return LocalGenerator.from_pretrained(out, device="cpu")
+@pytest.fixture()
+def gen(roomy_gen):
+    return roomy_gen
 
 
 def make_engine(gen, store, tiny_prompts, **settings):

@@ -9,26 +9,15 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import PromptTemplate
 
 from adapters.langchain_gpt2 import GPT2LLM, ChatGPT2
-from chatbot.generation import LocalGenerator
 
 from .test_engine import script_model
 
 PROMPTS = ["ada: hi there\nBot:", "bob: what did you eat today?\nBot:", "cy: tell me about your weekend please\nBot:"]
 
 
-@pytest.fixture(scope="module")
-def gen(tiny_tokenizer, tmp_path_factory):
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=tiny_tokenizer.eos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
-                        chatbot_prompt_format="transcript")
-    out = tmp_path_factory.mktemp("lc-gpt2")
-    GPT2LMHeadModel(config).save_pretrained(out)
-    tiny_tokenizer.save_pretrained(out)
-    return LocalGenerator.from_pretrained(out, device="cpu")
+@pytest.fixture()
+def gen(roomy_gen):
+    return roomy_gen
 
 
 @pytest.fixture()

@@ -15,20 +15,12 @@ from adapters.langchain_gpt2 import ChatGPT2
 from chatbot.generation import DEFAULT_MODEL
 
 
-class TestChatGPT2Unit(ChatModelUnitTests):
+class GPT2Capabilities:
+    """What ChatGPT2 declares to the standard suites: text in, text out, token usage, nothing more."""
+
     @property
     def chat_model_class(self):
         return ChatGPT2
-
-    @property
-    def chat_model_params(self):
-        return {"model": str(DEFAULT_MODEL), "device": "cpu"}
-
-    @property
-    def standard_chat_model_params(self):
-        params = super().standard_chat_model_params
-        params.pop("api_key", None)  # a local model has no API key
-        return params
 
     @property
     def has_tool_calling(self):
@@ -45,3 +37,15 @@ class TestChatGPT2Unit(ChatModelUnitTests):
     @property
     def supports_model_override(self):
         return False
+
+
+class TestChatGPT2Unit(GPT2Capabilities, ChatModelUnitTests):
+    @property
+    def chat_model_params(self):
+        return {"model": str(DEFAULT_MODEL), "device": "cpu"}
+
+    @property
+    def standard_chat_model_params(self):
+        params = super().standard_chat_model_params
+        params.pop("api_key", None)  # a local model has no API key
+        return params
