@@ -155,12 +155,9 @@ class _GPT2Mixin(BaseModel):
 
     # -- generation with the filters ------------------------------------------------
 
-    def _run(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        return self.generator.generate(requests)
-
     def _generate_checked(self, requests: list[GenerationRequest]) -> list[tuple[GenerationResult, str, tuple[str, ...]]]:
         """Results with their filtered text and the filters' reasons; unsafe ones regenerated (batched), then replaced."""
-        results = self._run(requests)
+        results = self.generator.generate(requests)
         texts: list[str | None] = [None] * len(requests)
         reasons: list[list[str]] = [[] for _ in requests]
         pending = list(range(len(requests)))
@@ -179,7 +176,7 @@ class _GPT2Mixin(BaseModel):
             if not retry or attempt == self.unsafe_retries:
                 pending = retry
                 break
-            again = self._run([_reseeded(requests[i], attempt + 1) for i in retry])
+            again = self.generator.generate([requests[i].retry(attempt + 1) for i in retry])
             for i, result in zip(retry, again):
                 results[i] = result
             pending = retry
@@ -203,15 +200,6 @@ class _GPT2Mixin(BaseModel):
                     yield out
         finally:
             pieces.close()  # stops the model when the caller left early
-
-
-def _reseeded(request: GenerationRequest, attempt: int) -> GenerationRequest:
-    s = request.settings
-    update: dict[str, Any] = {"seed": None if s.seed is None else s.seed + 1000 * attempt}
-    if s.greedy:
-        update["temperature"] = 0.7  # greedy decoding would only produce the same text again
-    return GenerationRequest(request.prompt, s.model_copy(update=update), request.stop_strings, request.bot_texts,
-                             request.trim_to_sentence)
 
 
 # --------------------------------------------------------------------------- the LLM

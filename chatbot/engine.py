@@ -115,16 +115,6 @@ class _Plan:
     """The bot's latest replies (up to `repeat_lookback`), to catch a reply that repeats one."""
     speakers: tuple[str, ...]
 
-    def retry(self, attempt: int) -> GenerationRequest:
-        """The request for another try: a new seed, and sampling where the first try was greedy
-        (greedy decoding would only produce the same reply again)."""
-        s = self.settings
-        update: dict[str, Any] = {"seed": None if s.seed is None else s.seed + 1000 * attempt}
-        if s.greedy:
-            update["temperature"] = 0.7
-        return GenerationRequest(self.request.prompt, s.model_copy(update=update), self.request.stop_strings,
-                                 self.request.bot_texts)
-
 
 @dataclass
 class _Outcome:
@@ -389,7 +379,7 @@ class ChatEngine:
             started = time.perf_counter()
             for attempt in range(self.settings.unsafe_retries + 1):
                 attempts = attempt + 1
-                request = plan.request if attempt == 0 else plan.retry(attempt)
+                request = plan.request if attempt == 0 else plan.request.retry(attempt)
                 blocked = False
                 async with contextlib.aclosing(self._gated(request, context, conversation_id)) as gated:
                     async for out, verdict in gated:
@@ -475,7 +465,7 @@ class ChatEngine:
         unsafe = repeats = 0
         attempt = 0
         while True:
-            request = plan.request if attempt == 0 else plan.retry(attempt)
+            request = plan.request if attempt == 0 else plan.request.retry(attempt)
             attempt += 1
             try:
                 result = (await self._in_worker(self.generator.generate, [request]))[0]

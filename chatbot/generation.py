@@ -14,7 +14,7 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Protocol, Sequence
 
@@ -158,6 +158,14 @@ class GenerationRequest:
     trim_to_sentence: bool = True
     """Cut a reply that ran out of tokens back to its last full sentence (chat); off for plain completion,
     where `generate` must give exactly the text `stream` shows."""
+
+    def retry(self, attempt: int) -> GenerationRequest:
+        """The same request for another try: a new seed, and sampling where this one is greedy
+        (greedy decoding would only produce the same text again)."""
+        update: dict[str, Any] = {"seed": None if self.settings.seed is None else self.settings.seed + 1000 * attempt}
+        if self.settings.greedy:
+            update["temperature"] = 0.7
+        return replace(self, settings=self.settings.model_copy(update=update))
 
 
 @dataclass(frozen=True)
