@@ -29,7 +29,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from adapters.langchain_history import ChatbotMessageHistory
-from chatbot.conversation import Turn, build_window
+from chatbot.conversation import Turn, plan_prompt
 from chatbot.engine import iterate_in_thread
 from chatbot.errors import ChatbotError
 from chatbot.generation import (
@@ -41,7 +41,7 @@ from chatbot.generation import (
     make_overrides,
     resolve_model,
 )
-from chatbot.prompting import Utterance, clean_speaker, get_persona
+from chatbot.prompting import clean_speaker, get_persona
 from chatbot.safety import (
     FilterChain,
     break_special_tokens,
@@ -341,7 +341,6 @@ class ChatGPT2(_GPT2Mixin, BaseChatModel):
     def _request(self, messages: list[BaseMessage], stop: list[str] | None,
                  kwargs: dict[str, Any]) -> GenerationRequest:
         settings = self.decoding(**kwargs)
-        fmt = self.generator.format
         specials = getattr(self.generator.tokenizer, "all_special_tokens", ())
         system: list[str] = [self._persona.description] if self._persona is not None else []
         turns: list[Turn] = []
@@ -365,25 +364,20 @@ class ChatGPT2(_GPT2Mixin, BaseChatModel):
                 raise ValueError(f"ChatGPT2 takes system, human and AI messages; got a {type(message).__name__} "
                                  "(it has no tool calling)")
             turns.append(Turn("langchain:call", author, role, text, 0.0, n))
-        preamble = " ".join(s for s in system if s.strip())
-        pinned = self._persona.example_turns() if self._persona is not None else []
-
-        def render(pre: str, pin: Sequence[Utterance], kept: Sequence[Turn]) -> str:
-            return fmt.build_prompt(list(pin) + [Utterance(t.author, t.text) for t in kept], self._speaker, pre)
-
         budget = self.generator.context_size - settings.max_new_tokens
         if budget < 1:
             raise ValueError(f"`max_new_tokens` must be below the model's context of {self.generator.context_size} "
                              f"tokens, got {settings.max_new_tokens}")
         try:
-            window = build_window(turns, render=render, count_tokens=self.generator.count_tokens, budget=budget,
-                                  preamble=preamble, pinned=pinned, chunk=self.window_chunk)
+            planned = plan_prompt(
+                turns, fmt=self.generator.format, speaker=self._speaker, count_tokens=self.generator.count_tokens,
+                budget=budget, preamble=" ".join(s for s in system if s.strip()),
+                pinned=self._persona.example_turns() if self._persona is not None else (),
+                speakers=(self.user_name,), chunk=self.window_chunk)
         except ChatbotError as err:
             raise ValueError(str(err)) from None
-        in_window = sorted({t.author for t in window.turns} | {self.user_name, self._speaker})
-        stops = (*fmt.stop_strings(in_window), *(self.stop or ()), *(stop or ()))
-        bot_texts = tuple(t.text for t in window.turns if t.role == "bot")
-        return GenerationRequest(render(window.preamble, window.pinned, window.turns), settings, stops, bot_texts)
+        stops = (*planned.stop_strings, *(self.stop or ()), *(stop or ()))
+        return GenerationRequest(planned.prompt, settings, stops, planned.bot_texts)
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:

@@ -157,3 +157,35 @@ def build_window(
     kept = tuple(turns[start:])
     return Window(preamble, pinned, kept, tuple(t.id for t in turns[:start]), tuple(cut),
                   count_tokens(render(preamble, pinned, kept)))
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """A window turned into model input: the prompt, where the reply must stop, what the bot said."""
+
+    window: Window
+    prompt: str
+    stop_strings: tuple[str, ...]
+    """The format's stops for every speaker in the window (and the ``speakers`` given)."""
+    bot_texts: tuple[str, ...]
+    """The bot's turns in the window, oldest first, for the repetition controls."""
+
+
+def plan_prompt(turns: Sequence[Turn], *, fmt: Any, speaker: str, count_tokens: Callable[[str], int], budget: int,
+                preamble: str = "", pinned: Sequence[Any] = (), speakers: Sequence[str] = (),
+                first_position: int = 0, chunk: int = 8) -> PromptPlan:
+    """The rolling window of ``turns`` rendered by ``fmt`` (a `PromptFormat`) for ``speaker`` to answer.
+
+    One place for the engine and the LangChain chat model, so both build the same prompt
+    from the same conversation.
+    """
+    from .prompting import Utterance
+
+    def render(pre: str, pin: Sequence[Any], kept: Sequence[Turn]) -> str:
+        return fmt.build_prompt(list(pin) + [Utterance(t.author, t.text) for t in kept], speaker, pre)
+
+    window = build_window(turns, render=render, count_tokens=count_tokens, budget=budget, preamble=preamble,
+                          pinned=pinned, first_position=first_position, chunk=chunk)
+    in_window = sorted({t.author for t in window.turns} | {speaker, *speakers})
+    return PromptPlan(window, render(window.preamble, window.pinned, window.turns),
+                      tuple(fmt.stop_strings(in_window)), tuple(t.text for t in window.turns if t.role == "bot"))

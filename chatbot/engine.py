@@ -22,14 +22,14 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from .config import Settings
-from .conversation import Turn, Window, build_window, check_author, check_conversation_id
+from .conversation import Turn, Window, check_author, check_conversation_id, plan_prompt
 from .errors import ChatbotError
 from .generation import DecodingSettings, GenerationRequest, Generator, apply_overrides, get_preset, make_overrides
 from .memory import MemoryStore, open_store
-from .prompting import Persona, Utterance, get_persona, list_personas
+from .prompting import Persona, get_persona, list_personas
 from .repetition import max_similarity
 from .safety import (
     FilterContext,
@@ -580,30 +580,17 @@ class ChatEngine:
         turns = [*earlier, user_turn]
         total = await self.store.count(conversation_id)
         # Building the window tokenizes the history several times: off the event loop.
-        window, prompt, prompt_tokens = await asyncio.to_thread(
-            self._window, chosen, turns, total - len(turns), budget)
-        in_window = sorted({t.author for t in window.turns} | {EXAMPLE_USER, chosen.speaker})
-        stops = tuple(self.generator.format.stop_strings(in_window))
-        bot_texts = tuple(t.text for t in window.turns if t.role == "bot")
+        planned = await asyncio.to_thread(
+            plan_prompt, turns, fmt=self.generator.format, speaker=chosen.speaker,
+            count_tokens=self.generator.count_tokens, budget=budget, preamble=chosen.description,
+            pinned=chosen.example_turns(EXAMPLE_USER), speakers=(EXAMPLE_USER,), first_position=total - len(turns),
+            chunk=self.settings.window_chunk)
+        window = planned.window
         recent = tuple(t.text for t in earlier if t.role == "bot")[-settings.repeat_lookback:]
         if window.dropped:
             log.info("%s: window dropped %d turns", conversation_id, len(window.dropped))
-        return _Plan(chosen, settings, GenerationRequest(prompt, settings, stops, bot_texts), window, user_turn,
-                     prompt_tokens, recent, tuple(sorted(speakers)))
-
-    def _window(self, persona: Persona, turns: Sequence[Turn], first_position: int,
-                budget: int) -> tuple[Window, str, int]:
-        fmt = self.generator.format
-
-        def render(preamble: str, pinned: Sequence[Utterance], kept: Sequence[Turn]) -> str:
-            return fmt.build_prompt(list(pinned) + [Utterance(t.author, t.text) for t in kept], persona.speaker,
-                                    preamble)
-
-        window = build_window(turns, render=render, count_tokens=self.generator.count_tokens, budget=budget,
-                              preamble=persona.description, pinned=persona.example_turns(EXAMPLE_USER),
-                              first_position=first_position, chunk=self.settings.window_chunk)
-        prompt = render(window.preamble, window.pinned, window.turns)
-        return window, prompt, window.tokens
+        request = GenerationRequest(planned.prompt, settings, planned.stop_strings, planned.bot_texts)
+        return _Plan(chosen, settings, request, window, user_turn, window.tokens, recent, tuple(sorted(speakers)))
 
     async def _maybe_expire(self) -> None:
         days = self.settings.expire_after_days
