@@ -28,7 +28,8 @@ from langchain_core.messages import (
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, Generation, GenerationChunk, LLMResult
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from adapters.langchain_history import ChatbotMessageHistory
+from adapters.langchain_history import ChatbotMessageHistory, message_text
+from chatbot.config import Settings
 from chatbot.conversation import Turn, plan_prompt
 from chatbot.engine import iterate_in_thread
 from chatbot.errors import ChatbotError
@@ -102,9 +103,10 @@ class _GPT2Mixin(BaseModel):
     """When True, `invoke` streams internally (callbacks get every piece)."""
     safety: bool = True
     """Run the output filters (toxicity, personal data, mentions) on every result."""
-    toxicity_threshold: float = 0.9
-    unsafe_retries: int = 2
-    unsafe_fallback: str = "Let's talk about something else."
+    toxicity_threshold: float = Settings.model_fields["toxicity_threshold"].default
+    unsafe_retries: int = Settings.model_fields["unsafe_retries"].default
+    unsafe_fallback: str = Settings.model_fields["unsafe_fallback_reply"].default
+    """What a reply that stayed toxic is replaced with (the engine's default)."""
     generator: Any = Field(default=None, exclude=True)
     """A ready `Generator` to use instead of loading ``model`` (tests, or sharing the engine's)."""
 
@@ -348,7 +350,7 @@ class ChatGPT2(_GPT2Mixin, BaseChatModel):
         for message in messages:
             speakers.add(message.name or (self._speaker if isinstance(message, AIMessage) else self.user_name))
         for n, message in enumerate(messages):
-            text = _text(message)
+            text = message_text(message, f"ChatGPT2 input {n} ({type(message).__name__})")
             if isinstance(message, SystemMessage):
                 system.append(text)
                 continue
@@ -391,7 +393,7 @@ class ChatGPT2(_GPT2Mixin, BaseChatModel):
         message = AIMessage(content=text, usage_metadata=usage, response_metadata=meta)
         return ChatResult(generations=[ChatGeneration(message=message)], llm_output={"model_name": self._model_name})
 
-    def _chunks(self, request: GenerationRequest, pieces: list[str]) -> ChatGenerationChunk:
+    def _last_chunk(self, request: GenerationRequest, pieces: list[str]) -> ChatGenerationChunk:
         """The closing chunk: token usage and finish reason, once the whole reply is known."""
         prompt_tokens = self.generator.count_tokens(request.prompt)
         out = self.generator.count_tokens("".join(pieces))
@@ -411,7 +413,7 @@ class ChatGPT2(_GPT2Mixin, BaseChatModel):
             if run_manager:
                 run_manager.on_llm_new_token(piece, chunk=chunk)
             yield chunk
-        yield self._chunks(request, pieces)
+        yield self._last_chunk(request, pieces)
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
@@ -424,20 +426,4 @@ class ChatGPT2(_GPT2Mixin, BaseChatModel):
             if run_manager:
                 await run_manager.on_llm_new_token(piece, chunk=chunk)
             yield chunk
-        yield self._chunks(request, pieces)
-
-
-def _text(message: BaseMessage) -> str:
-    content = message.content
-    if isinstance(content, str):
-        return content
-    parts = []
-    for part in content:
-        if isinstance(part, str):
-            parts.append(part)
-        elif isinstance(part, dict) and part.get("type") == "text":
-            parts.append(str(part.get("text", "")))
-        else:
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise ValueError(f"ChatGPT2 reads text only; got a {kind!r} content block")
-    return "".join(parts)
+        yield self._last_chunk(request, pieces)

@@ -67,28 +67,30 @@ def _checked_name(value: object, what: str) -> str:
         raise ValueError(f"`{what}`: {err}") from None
 
 
-def _text_of(message: BaseMessage, index: int) -> str:
-    """A message's content as one string; content that is not plain text is refused."""
-    kind = type(message).__name__
+def message_text(message: BaseMessage, label: str) -> str:
+    """A message's content as one string; content that is not plain text is refused, naming ``label``."""
     content = message.content
     if isinstance(content, str):
-        text = content
-    elif isinstance(content, list):
-        pieces = []
-        for part in content:
-            if isinstance(part, str):
-                pieces.append(part)
-            elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                pieces.append(part["text"])
-            else:
-                part_type = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ValueError(f"message {index} ({kind}) has a content part of type {part_type!r}; "
-                                 "the chatbot memory stores text only")
-        # Same joining rule as LangChain's own `BaseMessage.text`.
-        text = "".join(pieces)
-    else:
-        raise ValueError(f"message {index} ({kind}) content must be a string or a list of text parts, "
-                         f"got {type(content).__name__}")
+        return content
+    if not isinstance(content, list):
+        raise ValueError(f"{label} content must be a string or a list of text parts, got {type(content).__name__}")
+    pieces = []
+    for part in content:
+        if isinstance(part, str):
+            pieces.append(part)
+        elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+            pieces.append(part["text"])
+        else:
+            part_type = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ValueError(f"{label} has a content part of type {part_type!r}; the chatbot reads text only")
+    # Same joining rule as LangChain's own `BaseMessage.text`.
+    return "".join(pieces)
+
+
+def _text_of(message: BaseMessage, index: int) -> str:
+    """The text to store for a message, within the memory's per-turn limit."""
+    kind = type(message).__name__
+    text = message_text(message, f"message {index} ({kind})")
     if len(text) > MAX_TURN_CHARS:
         raise ValueError(f"message {index} ({kind}) is {len(text)} characters; "
                          f"the chatbot memory stores at most {MAX_TURN_CHARS} per turn")

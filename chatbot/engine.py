@@ -228,11 +228,11 @@ class ChatEngine:
         self._next_expiry = 0.0
         self._closed = False
         st = self.settings
-        self.output_filter = output_chain(toxicity_threshold=st.toxicity_threshold, blocklist=st.blocklist,
-                                          allowlist=st.allowlist, redact_personal_data=st.redact_personal_data,
-                                          block_toxic=st.block_toxic_output)
-        self.input_filter = (ToxicityFilter(st.toxicity_threshold, blocklist=st.blocklist, allowlist=st.allowlist)
-                             if st.abusive_input == "refuse" else None)
+        # One toxicity filter judges both what users send and what the bot says.
+        toxicity = ToxicityFilter(st.toxicity_threshold, blocklist=st.blocklist, allowlist=st.allowlist)
+        self.output_filter = output_chain(redact_personal_data=st.redact_personal_data,
+                                          block_toxic=st.block_toxic_output, toxicity=toxicity)
+        self.input_filter = toxicity if st.abusive_input == "refuse" else None
         try:
             self._persona_speakers = {p.speaker for p in self.personas().values()}
         except ChatbotError as err:  # one broken persona file must not stop the bot
@@ -373,7 +373,7 @@ class ChatEngine:
                 return
             context = FilterContext(conversation_id, plan.speakers)
             reasons: list[str] = []
-            shown = raw_tokens = ""
+            shown = ""
             finish = "unsafe"
             attempts = 0
             started = time.perf_counter()
@@ -394,12 +394,11 @@ class ChatEngine:
                     break
                 if shown:
                     break  # part of the reply is already out: it ends at the last safe sentence
-            raw_tokens = shown
             if finish == "unsafe" and not shown:
                 yield self.settings.unsafe_fallback_reply
             elif not shown.strip():
                 yield self.settings.fallback_reply
-            n_tokens = self.generator.count_tokens(raw_tokens) if raw_tokens else 0
+            n_tokens = self.generator.count_tokens(shown) if shown else 0
             if finish == "stop":
                 if time.perf_counter() - started >= plan.settings.max_time:
                     finish = "time"

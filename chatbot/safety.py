@@ -525,11 +525,12 @@ def evaluate_filter(check: Any, rows: Sequence[dict[str, str]]) -> FilterReport:
 
 
 def output_chain(*, toxicity_threshold: float = 0.9, blocklist: Sequence[str] = (), allowlist: Sequence[str] = (),
-                 redact_personal_data: bool = True, block_toxic: bool = True) -> FilterChain:
-    """The engine's output filters in order: toxicity, personal data, mentions (always)."""
+                 redact_personal_data: bool = True, block_toxic: bool = True,
+                 toxicity: ToxicityFilter | None = None) -> FilterChain:
+    """The engine's output filters in order: toxicity (``toxicity`` if given), personal data, mentions (always)."""
     filters: list[Any] = []
     if block_toxic:
-        filters.append(ToxicityFilter(toxicity_threshold, blocklist=blocklist, allowlist=allowlist))
+        filters.append(toxicity or ToxicityFilter(toxicity_threshold, blocklist=blocklist, allowlist=allowlist))
     if redact_personal_data:
         filters.append(PersonalDataFilter())
     filters.append(MentionFilter())
