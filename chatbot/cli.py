@@ -135,6 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoding_options(c, preset_help="decoding preset for this conversation, kept for later runs "
                                          "(default: the persona's)")
 
+    d = sub.add_parser("discord", parents=[common], help="run the Discord bot (needs DISCORD_TOKEN)",
+                       description="Log in to Discord with the token in DISCORD_TOKEN (or discord_token in the "
+                                   "settings file) and answer mentions, replies, DMs and the configured channels "
+                                   "until Ctrl-C or SIGTERM. Memory is the same SQLite file the terminal chat uses.")
+    d.add_argument("--config", default=None,
+                   help="settings file (TOML); default: chatbot.toml in this folder if there is one")
+    _model_option(d)
+    d.add_argument("--memory", default=None, help="SQLite file for conversations (default: the settings' memory_path)")
+    d.add_argument("--persona", default=None, help="persona for channels that have not chosen one (default: the settings')")
+    d.add_argument("--channel", type=int, action="append", default=None, metavar="ID",
+                   help="answer every message in this channel, without a mention (repeatable)")
+    d.add_argument("--sharded", action="store_true", help="run as an AutoShardedBot (very many servers)")
+    d.add_argument("--no-sync", action="store_true", help="do not register the slash commands at start-up")
+
     sc = sub.add_parser("selfchat", parents=[common], help="measure repetition with the controls on and off",
                         description="Replay N-turn conversations through the engine against a scripted partner (or "
                                     "the engine under another persona), with the same seeds for both arms, and print "
@@ -228,6 +242,28 @@ def cmd_chat(args: argparse.Namespace) -> int:
     )
     return run_chat(settings, conversation_id=args.conversation, name=args.name, persona=args.persona,
                     preset=args.preset, reset=args.reset)
+
+
+def cmd_discord(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .config import Settings
+
+    settings = Settings.load(
+        args.config, model=args.model, device=args.device, allow_download=args.allow_download or None,
+        memory_path=args.memory, persona=args.persona, discord_channels=tuple(args.channel) if args.channel else None,
+        discord_sharded=True if args.sharded else None, discord_sync_commands=False if args.no_sync else None,
+    )
+    if settings.discord_token is None:
+        raise ChatbotError("no Discord token: set DISCORD_TOKEN in the environment or discord_token in the "
+                           "settings file (the README's Discord section shows how to get one)")
+    if not args.verbose:
+        logging.getLogger("discord").setLevel(logging.INFO)  # connection and shard events are worth seeing
+        logging.getLogger("adapters.discord_bot").setLevel(logging.INFO)
+    from adapters.discord_bot import run_discord
+
+    asyncio.run(run_discord(settings))
+    return 0
 
 
 CHAT_HELP = """commands:
@@ -444,7 +480,7 @@ def cmd_safety_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "chat": cmd_chat, "safety-eval": cmd_safety_eval,
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "chat": cmd_chat, "discord": cmd_discord, "safety-eval": cmd_safety_eval,
             "selfchat": cmd_selfchat}
 
 

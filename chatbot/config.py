@@ -84,6 +84,32 @@ class Settings(BaseModel):
     """What the bot says when the model produces nothing usable."""
     discord_token: SecretStr | None = None
     """Bot token for the Discord face (also read from ``DISCORD_TOKEN``); never logged or printed."""
+    discord_channels: tuple[int, ...] = ()
+    """Channel ids where the bot answers every message without being mentioned (threads in them too)."""
+    discord_stream: bool = True
+    """Show replies as they are generated, by editing the bot's message; off sends each reply once, finished."""
+    discord_edit_interval: float = Field(1.2, ge=0.2, le=60)
+    """Seconds between two edits or sends of a streaming reply in one channel (Discord limits edits per channel)."""
+    discord_cooldown_messages: int = Field(5, ge=1, le=1000)
+    """Messages one user may send the bot per `discord_cooldown_seconds`; more get a "slow down" note."""
+    discord_cooldown_seconds: float = Field(30.0, gt=0, le=86_400)
+    """Length of the per-user cooldown window."""
+    discord_max_pending: int = Field(32, ge=1, le=10_000)
+    """Replies being written or waiting, over all channels; beyond it new messages get the busy reply."""
+    discord_reply_timeout: float = Field(90.0, gt=0, le=3600)
+    """Seconds a message may wait and be answered in; after that the reply stops with a note."""
+    discord_busy_reply: str = Field("I'm still answering earlier messages here. Try again in a moment.",
+                                    min_length=1, max_length=500)
+    """Sent when a channel's queue (`max_waiting_per_conversation`) or `discord_max_pending` is full."""
+    discord_cooldown_reply: str = Field("You're sending messages faster than I can answer. Slow down a little.",
+                                        min_length=1, max_length=500)
+    """Sent (once per cooldown window) to a user over the cooldown; the seconds to wait are added."""
+    discord_sharded: bool = False
+    """Run as an ``AutoShardedBot`` (for bots in very many servers); one model serves every shard."""
+    discord_sync_commands: bool = True
+    """Register the slash commands with Discord at start-up (turn off once they are registered)."""
+    discord_shutdown_grace: float = Field(10.0, ge=0, le=600)
+    """Seconds replies in progress get to finish at shutdown before they are cancelled."""
 
     @field_validator("model", "preset", "expire_after_days", "discord_token", mode="before")
     @classmethod
@@ -186,7 +212,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
             if sub not in decoding_fields:
                 raise ChatbotError(f"environment variable {name}: `decoding.{sub}` is not a known setting")
             values.setdefault("decoding", {})[sub] = None if raw.strip() in ("", "none") else raw
-        elif key in ("blocklist", "allowlist"):
+        elif key in ("blocklist", "allowlist", "discord_channels"):
             values[key] = tuple(w.strip() for w in raw.split(",") if w.strip())
         elif key in fields and key != "decoding":
             values[key] = raw

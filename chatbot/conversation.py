@@ -62,6 +62,11 @@ class Turn:
     text: str
     created_at: float
     id: int
+    author_key: str | None = None
+    """Who wrote it, stably (``discord:user:42``): display names change and repeat, so forgetting
+    and exporting a person go by this. Stored turns always carry one (the author name when the
+    face had no better key); turns built only for a prompt may leave it None. Last, so positional
+    construction keeps working."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -28,7 +28,7 @@ from .config import Settings
 from .conversation import Turn, Window, check_author, check_conversation_id, plan_prompt
 from .errors import ChatbotError
 from .generation import DecodingSettings, GenerationRequest, Generator, apply_overrides, get_preset, make_overrides
-from .memory import MemoryStore, open_store
+from .memory import MemoryStore, check_author_key, open_store
 from .prompting import Persona, get_persona, list_personas
 from .repetition import max_similarity
 from .safety import (
@@ -314,9 +314,16 @@ class ChatEngine:
         async with self._locks.hold(check_conversation_id(conversation_id)):
             return await self.store.reset(conversation_id)
 
-    async def forget_author(self, author: str) -> int:
-        """Delete everything ``author`` said, in every conversation."""
-        return await self.store.forget_author(check_author(author))
+    async def forget_author(self, author_key: str) -> int:
+        """Delete everything the person with ``author_key`` said, in every conversation; returns
+        how many turns. The key is the one given to `respond`/`stream`, or the author name
+        for messages sent without one. The bot's replies stay."""
+        return await self.store.forget_author(check_author_key(author_key))
+
+    async def export_author(self, author_key: str) -> dict[str, Any]:
+        """Everything the person with ``author_key`` said, in every conversation, grouped by
+        conversation (see `MemoryStore.export_author`)."""
+        return await self.store.export_author(check_author_key(author_key))
 
     async def export(self, conversation_id: str) -> dict[str, Any]:
         return await self.store.export(check_conversation_id(conversation_id))
@@ -333,9 +340,12 @@ class ChatEngine:
     # ------------------------------------------------------------------ replying
 
     async def respond(self, conversation_id: str, author: str, text: str, *, persona: str | None = None,
-                      preset: str | None = None, decoding: Any = None) -> Reply:
+                      preset: str | None = None, decoding: Any = None, author_key: str | None = None) -> Reply:
         """Store the user's message, generate the bot's reply, check it, store it and return it.
 
+        ``author`` is the name the prompt shows. ``author_key`` is who the person is, stably
+        (``discord:user:42``), for `forget_author` and `export_author`; without one the
+        author name is the key, which is enough only where names are unique and never change.
         ``persona``, ``preset`` and ``decoding`` (a `DecodingOverrides` or dict) apply to
         this reply only. Raises `InputRejected` for a message the engine will not take
         (nothing is stored), `EngineBusy` when the conversation's queue is full, and
@@ -343,8 +353,9 @@ class ChatEngine:
         message is answered with `Settings.refusal_reply` (``reply.refused``) and not stored.
         """
         clock = _Clock()
-        text = self._check_message(conversation_id, author, text)
-        async with self._exchange(conversation_id, author, text, persona, preset, decoding, clock) as plan:
+        text = self._check_message(conversation_id, author, text, author_key)
+        async with self._exchange(conversation_id, author, author_key, text, persona, preset, decoding,
+                                  clock) as plan:
             if isinstance(plan, Reply):
                 return plan
             outcome = await self._generate_checked(plan)
@@ -352,21 +363,24 @@ class ChatEngine:
             return await self._finish(plan, clock, outcome)
 
     def stream(self, conversation_id: str, author: str, text: str, *, persona: str | None = None,
-               preset: str | None = None, decoding: Any = None) -> ReplyStream:
-        """Like `respond`, but the reply arrives in pieces: ``async for piece in engine.stream(...)``.
+               preset: str | None = None, decoding: Any = None, author_key: str | None = None) -> ReplyStream:
+        """Like `respond` (same arguments, ``author_key`` included), but the reply arrives in pieces:
+        ``async for piece in engine.stream(...)``.
 
         Text is released a sentence at a time, each one checked by the output filters
         first, so nothing unsafe is ever shown. A sentence that fails stops the reply
         there; if nothing was shown yet, the reply is generated again (as `respond` does).
         """
         return ReplyStream(self, conversation_id, author, text,
-                           {"persona": persona, "preset": preset, "decoding": decoding})
+                           {"persona": persona, "preset": preset, "decoding": decoding, "author_key": author_key})
 
     async def _stream(self, holder: ReplyStream, conversation_id: str, author: str, text: str, *,
-                      persona: str | None, preset: str | None, decoding: Any) -> AsyncIterator[str]:
+                      persona: str | None, preset: str | None, decoding: Any,
+                      author_key: str | None) -> AsyncIterator[str]:
         clock = _Clock()
-        text = self._check_message(conversation_id, author, text)
-        async with self._exchange(conversation_id, author, text, persona, preset, decoding, clock) as plan:
+        text = self._check_message(conversation_id, author, text, author_key)
+        async with self._exchange(conversation_id, author, author_key, text, persona, preset, decoding,
+                                  clock) as plan:
             if isinstance(plan, Reply):
                 holder.reply = plan
                 yield plan.text
@@ -493,8 +507,9 @@ class ChatEngine:
         return best
 
     @asynccontextmanager
-    async def _exchange(self, conversation_id: str, author: str, text: str, persona: str | None,
-                        preset: str | None, decoding: Any, clock: _Clock) -> AsyncIterator[_Plan | Reply]:
+    async def _exchange(self, conversation_id: str, author: str, author_key: str | None, text: str,
+                        persona: str | None, preset: str | None, decoding: Any,
+                        clock: _Clock) -> AsyncIterator[_Plan | Reply]:
         """Wait for the conversation (messages keep their order), then either refuse an abusive
         message (a `Reply`, nothing stored) or store the user turn and plan the prompt."""
         async with self._locks.hold(conversation_id):
@@ -503,7 +518,7 @@ class ChatEngine:
             if refused is not None:
                 yield refused
                 return
-            plan = await self._plan(conversation_id, author, text, persona, preset, decoding)
+            plan = await self._plan(conversation_id, author, author_key, text, persona, preset, decoding)
             clock.mark("prepare")
             yield plan
 
@@ -539,12 +554,14 @@ class ChatEngine:
         return GenerationFailed(f"the model failed to reply ({type(err).__name__}: {err}); "
                                 "the message was kept, try again")
 
-    def _check_message(self, conversation_id: str, author: str, text: str) -> str:
+    def _check_message(self, conversation_id: str, author: str, text: str, author_key: str | None = None) -> str:
         """The user's text cleaned (`safety.sanitize_input`), literal special tokens made plain, length-checked."""
         if self._closed:
             raise ChatbotError("the engine is closed")
         check_conversation_id(conversation_id)
         check_author(author)
+        if author_key is not None:
+            check_author_key(author_key)  # here, so a bad key fails before the conversation is queued
         text = break_special_tokens(sanitize_input(text, max_chars=self.settings.max_input_chars),
                                     self._special_tokens)
         tokens = self.generator.count_tokens(text)
@@ -559,8 +576,8 @@ class ChatEngine:
             raise ChatbotError("the engine is closed") from None
         return await future
 
-    async def _plan(self, conversation_id: str, author: str, text: str, persona: str | None,
-                    preset: str | None, decoding: Any) -> _Plan:
+    async def _plan(self, conversation_id: str, author: str, author_key: str | None, text: str,
+                    persona: str | None, preset: str | None, decoding: Any) -> _Plan:
         """Everything up to the generator: choices checked first, then the user turn stored, then the window."""
         await self._maybe_expire()
         options = await self.store.get_options(conversation_id)
@@ -575,7 +592,7 @@ class ChatEngine:
         speakers = {t.author for t in earlier} | self._persona_speakers | {EXAMPLE_USER, chosen.speaker, author}
         # Nobody may start a fake turn of any speaker of this conversation inside their message.
         text = neutralise_speaker_tags(text, speakers)
-        user_turn = await self.store.append(conversation_id, author, "user", text)
+        user_turn = await self.store.append(conversation_id, author, "user", text, author_key=author_key)
         turns = [*earlier, user_turn]
         total = await self.store.count(conversation_id)
         # Building the window tokenizes the history several times: off the event loop.

@@ -19,40 +19,60 @@ from typing import Any, Protocol
 from .conversation import ROLES, Role, Turn, check_author, check_conversation_id
 from .errors import ChatbotError
 
-__all__ = ["MemoryStore", "SQLiteMemoryStore", "InMemoryStore", "open_store", "export_json", "MAX_TURN_CHARS"]
+__all__ = ["MemoryStore", "SQLiteMemoryStore", "InMemoryStore", "open_store", "export_json", "check_author_key",
+           "MAX_TURN_CHARS", "MAX_AUTHOR_KEY_CHARS"]
 
 MAX_TURN_CHARS = 20_000
 """Longest text one stored turn may hold; the engine caps user input well below this."""
 
-SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS turns (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    conversation_id TEXT NOT NULL,
-    author TEXT NOT NULL,
-    role TEXT NOT NULL CHECK (role IN ('user', 'bot')),
-    text TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS turns_by_conversation ON turns (conversation_id, id);
-CREATE INDEX IF NOT EXISTS turns_by_author ON turns (author);
-CREATE TABLE IF NOT EXISTS options (
-    conversation_id TEXT NOT NULL,
-    key TEXT NOT NULL,
-    value TEXT NOT NULL,
-    PRIMARY KEY (conversation_id, key)
-);
-"""
+MAX_AUTHOR_KEY_CHARS = 100
+
+SCHEMA_VERSION = 2
+"""1: turns and options. 2: turns.author_key, the stable key forgetting and exporting go by."""
+# One statement per item: they run with `execute` inside the opening transaction
+# (`executescript` would commit it half way).
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS turns (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        conversation_id TEXT NOT NULL,
+        author TEXT NOT NULL,
+        role TEXT NOT NULL CHECK (role IN ('user', 'bot')),
+        text TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        author_key TEXT
+    )""",
+    """CREATE TABLE IF NOT EXISTS options (
+        conversation_id TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (conversation_id, key)
+    )""",
+)
+# After the tables (and the version 1 -> 2 migration), since one of them needs author_key.
+# An index keeps the rowid after its columns, so turns_by_author_key already lists one
+# key's turns in id order: `export_author` needs no sort.
+_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS turns_by_conversation ON turns (conversation_id, id)",
+    "CREATE INDEX IF NOT EXISTS turns_by_author ON turns (author)",
+    "CREATE INDEX IF NOT EXISTS turns_by_author_key ON turns (author_key)",
+)
+_TURN_COLUMNS = "id, conversation_id, author, role, text, created_at, author_key"
 
 
 class MemoryStore(Protocol):
-    """Where conversations live. Implementations must make `append` durable when it returns."""
+    """Where conversations live. Implementations must make `append` durable when it returns.
 
-    async def append(self, conversation_id: str, author: str, role: Role, text: str) -> Turn:
-        """Store one turn and return it with its id."""
+    Every stored turn has an author key: the ``author_key`` given to `append`, else the
+    author name. ``author`` is what the prompt shows and may change or repeat between
+    people; the key is what `forget_author` and `export_author` find a person by.
+    """
+
+    async def append(self, conversation_id: str, author: str, role: Role, text: str, *,
+                     author_key: str | None = None) -> Turn:
+        """Store one turn and return it with its id and author key (``author_key`` or, when None, ``author``)."""
 
     async def newest(self, conversation_id: str, limit: int) -> list[Turn]:
-        """The newest ``limit`` turns of a conversation, oldest first."""
+        """The newest ``limit`` turns of a conversation, oldest first, each with its author key."""
 
     async def count(self, conversation_id: str) -> int:
         """How many turns the conversation holds (the window's absolute positions start here)."""
@@ -60,8 +80,17 @@ class MemoryStore(Protocol):
     async def reset(self, conversation_id: str) -> int:
         """Delete a conversation's turns; returns how many."""
 
-    async def forget_author(self, author: str) -> int:
-        """Delete every turn ``author`` wrote, in every conversation; returns how many."""
+    async def forget_author(self, author_key: str) -> int:
+        """Delete every user turn whose author key is ``author_key``, in every conversation; returns how many.
+
+        Bot turns stay (they are the bot's words, and the other people's conversation
+        reads oddly without them). Turns stored without a key have their author name as
+        key, so a name still forgets what was said under it."""
+
+    async def export_author(self, author_key: str) -> dict[str, Any]:
+        """Every user turn whose author key is ``author_key`` as a JSON-serialisable dict:
+        ``{"author_key", "exported_at", "conversations": {conversation_id: [turn, ...]}}``,
+        turns in id order (what a person gets when they ask for their data)."""
 
     async def export(self, conversation_id: str) -> dict[str, Any]:
         """The whole conversation as a JSON-serialisable dict."""
@@ -79,15 +108,32 @@ class MemoryStore(Protocol):
         """Release the store's resources."""
 
 
-def _check_turn(conversation_id: str, author: str, role: str, text: str) -> None:
+def _check_turn(conversation_id: str, author: str, role: str, text: str, author_key: str | None = None) -> None:
     check_conversation_id(conversation_id)
     check_author(author)
+    if author_key is not None:
+        check_author_key(author_key)
     if role not in ROLES:
         raise ChatbotError(f"`role` must be one of {', '.join(ROLES)}, got {role!r}")
     if not isinstance(text, str):
         raise ChatbotError(f"turn text must be a string, got {type(text).__name__}")
     if len(text) > MAX_TURN_CHARS:
         raise ChatbotError(f"turn text must be at most {MAX_TURN_CHARS} characters, got {len(text)}")
+
+
+def check_author_key(author_key: object) -> str:
+    """Return the key unchanged if it is valid (like an author name: non-blank, at most
+    `MAX_AUTHOR_KEY_CHARS`), else raise `ChatbotError` naming it."""
+    if not isinstance(author_key, str) or not author_key.strip():
+        raise ChatbotError(f"`author_key` must be a non-empty string, got {author_key!r}")
+    if len(author_key) > MAX_AUTHOR_KEY_CHARS:
+        raise ChatbotError(f"`author_key` must be at most {MAX_AUTHOR_KEY_CHARS} characters, got {len(author_key)}")
+    return author_key
+
+
+def _key_of(author: str, author_key: str | None) -> str:
+    """The key a new turn is stored under; the one rule both stores share."""
+    return author if author_key is None else author_key
 
 
 def _check_limit(limit: int) -> None:
@@ -107,6 +153,14 @@ def _export(conversation_id: str, turns: list[Turn], options: dict[str, str]) ->
             "turns": [t.to_json() for t in turns]}
 
 
+def _export_author(author_key: str, turns: list[Turn]) -> dict[str, Any]:
+    """``turns`` in id order; conversations come in the order of their first turn."""
+    conversations: dict[str, list[dict[str, Any]]] = {}
+    for turn in turns:
+        conversations.setdefault(turn.conversation_id, []).append(turn.to_json())
+    return {"author_key": author_key, "exported_at": time.time(), "conversations": conversations}
+
+
 class SQLiteMemoryStore:
     """The embedded default: one SQLite file in WAL mode, shared by every face."""
 
@@ -120,15 +174,41 @@ class SQLiteMemoryStore:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA foreign_keys=ON")
-            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise ChatbotError(f"{self.path} was written by a newer version (schema {version}); upgrade first")
-            self._conn.executescript(_SCHEMA)
-            self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._prepare_schema()
         except (sqlite3.DatabaseError, OSError) as err:
             raise ChatbotError(f"cannot open the memory database {self.path}: {err}") from None
         self._lock = threading.Lock()
         self._closed = False
+
+    def _prepare_schema(self) -> None:
+        """Create the tables, or bring an older file up to `SCHEMA_VERSION`, in one transaction.
+
+        IMMEDIATE takes the write lock before the version is read, so two processes opening
+        the same old file cannot both migrate it; a failure part way leaves it untouched.
+        """
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise ChatbotError(f"{self.path} was written by a newer version (schema {version}); upgrade first")
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(turns)")}
+            if "author_key" not in columns:
+                # Schema 1: turns had only a display name, which is what forgetting went by
+                # then, so it is the key those turns keep.
+                conn.execute("ALTER TABLE turns ADD COLUMN author_key TEXT")
+                conn.execute("UPDATE turns SET author_key = author")
+            for statement in _INDEXES:
+                conn.execute(statement)
+            if version != SCHEMA_VERSION:
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     def _run(self, fn: Any, *args: Any) -> Any:
         with self._lock:
@@ -141,25 +221,27 @@ class SQLiteMemoryStore:
 
     @staticmethod
     def _row(row: tuple) -> Turn:
-        return Turn(id=row[0], conversation_id=row[1], author=row[2], role=row[3], text=row[4], created_at=row[5])
+        return Turn(id=row[0], conversation_id=row[1], author=row[2], role=row[3], text=row[4], created_at=row[5],
+                    author_key=row[6])
 
-    def _append(self, conversation_id: str, author: str, role: str, text: str) -> Turn:
+    def _append(self, conversation_id: str, author: str, role: str, text: str, author_key: str) -> Turn:
         now = time.time()
         with self._conn:  # BEGIN ... COMMIT; the commit is on disk when this returns
             cur = self._conn.execute(
-                "INSERT INTO turns (conversation_id, author, role, text, created_at) VALUES (?, ?, ?, ?, ?)",
-                (conversation_id, author, role, text, now),
+                "INSERT INTO turns (conversation_id, author, role, text, created_at, author_key) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (conversation_id, author, role, text, now, author_key),
             )
-        return Turn(conversation_id, author, role, text, now, int(cur.lastrowid))  # type: ignore[arg-type]
+        return Turn(conversation_id, author, role, text, now, int(cur.lastrowid), author_key)  # type: ignore[arg-type]
 
-    async def append(self, conversation_id: str, author: str, role: Role, text: str) -> Turn:
-        _check_turn(conversation_id, author, role, text)
-        return await self._call(self._append, conversation_id, author, role, text)
+    async def append(self, conversation_id: str, author: str, role: Role, text: str, *,
+                     author_key: str | None = None) -> Turn:
+        _check_turn(conversation_id, author, role, text, author_key)
+        return await self._call(self._append, conversation_id, author, role, text, _key_of(author, author_key))
 
     def _newest(self, conversation_id: str, limit: int) -> list[Turn]:
         rows = self._conn.execute(
-            "SELECT id, conversation_id, author, role, text, created_at FROM turns "
-            "WHERE conversation_id = ? ORDER BY id DESC LIMIT ?",
+            f"SELECT {_TURN_COLUMNS} FROM turns WHERE conversation_id = ? ORDER BY id DESC LIMIT ?",
             (conversation_id, limit),
         ).fetchall()
         return [self._row(r) for r in reversed(rows)]
@@ -185,9 +267,20 @@ class SQLiteMemoryStore:
         check_conversation_id(conversation_id)
         return await self._call(self._delete, "conversation_id = ?", conversation_id)
 
-    async def forget_author(self, author: str) -> int:
-        check_author(author)
-        return await self._call(self._delete, "author = ? AND role = 'user'", author)
+    async def forget_author(self, author_key: str) -> int:
+        check_author_key(author_key)
+        return await self._call(self._delete, "author_key = ? AND role = 'user'", author_key)
+
+    def _by_author(self, author_key: str) -> list[Turn]:
+        rows = self._conn.execute(
+            f"SELECT {_TURN_COLUMNS} FROM turns WHERE author_key = ? AND role = 'user' ORDER BY id",
+            (author_key,),
+        ).fetchall()
+        return [self._row(r) for r in rows]
+
+    async def export_author(self, author_key: str) -> dict[str, Any]:
+        check_author_key(author_key)
+        return _export_author(author_key, await self._call(self._by_author, author_key))
 
     async def expire(self, older_than_seconds: float) -> int:
         if not older_than_seconds > 0:
@@ -243,9 +336,10 @@ class InMemoryStore:
         self._options: dict[str, dict[str, str]] = {}
         self._next_id = 1
 
-    async def append(self, conversation_id: str, author: str, role: Role, text: str) -> Turn:
-        _check_turn(conversation_id, author, role, text)
-        turn = Turn(conversation_id, author, role, text, time.time(), self._next_id)
+    async def append(self, conversation_id: str, author: str, role: Role, text: str, *,
+                     author_key: str | None = None) -> Turn:
+        _check_turn(conversation_id, author, role, text, author_key)
+        turn = Turn(conversation_id, author, role, text, time.time(), self._next_id, _key_of(author, author_key))
         self._next_id += 1
         self._turns.setdefault(conversation_id, []).append(turn)
         return turn
@@ -264,14 +358,19 @@ class InMemoryStore:
         check_conversation_id(conversation_id)
         return len(self._turns.pop(conversation_id, []))
 
-    async def forget_author(self, author: str) -> int:
-        check_author(author)
+    async def forget_author(self, author_key: str) -> int:
+        check_author_key(author_key)
         removed = 0
         for cid, turns in self._turns.items():
-            kept = [t for t in turns if not (t.author == author and t.role == "user")]
+            kept = [t for t in turns if not (t.author_key == author_key and t.role == "user")]
             removed += len(turns) - len(kept)
             self._turns[cid] = kept
         return removed
+
+    async def export_author(self, author_key: str) -> dict[str, Any]:
+        check_author_key(author_key)
+        turns = [t for ts in self._turns.values() for t in ts if t.author_key == author_key and t.role == "user"]
+        return _export_author(author_key, sorted(turns, key=lambda t: t.id))
 
     async def expire(self, older_than_seconds: float) -> int:
         if not older_than_seconds > 0:

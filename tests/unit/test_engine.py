@@ -275,6 +275,52 @@ async def test_forget_author_everywhere(engine):
     assert [t.role for t in await engine.history("cli:a")] == ["bot"]
 
 
+async def test_the_author_key_is_stored_and_the_prompt_shows_the_name(engine, gen, monkeypatch):
+    seen = record_prompts(gen, monkeypatch)
+    reply = await engine.respond("discord:channel:1", "Sam", "hi there", author_key="discord:user:1")
+    turns = await engine.history("discord:channel:1")
+    assert [(t.role, t.author, t.author_key) for t in turns] == [("user", "Sam", "discord:user:1"),
+                                                                 ("bot", "Bot", "Bot")]
+    assert turns[0].id == reply.user_turn_id
+    assert seen[0].prompt == "Bot is kind.\nSam: hi there\nBot:" and "discord:user" not in seen[0].prompt
+    assert " Sam:" in seen[0].stop_strings
+    async with engine.stream("discord:channel:1", "Sam", "and again", author_key="discord:user:1") as stream:
+        await stream.text()
+    assert stream.reply is not None
+    assert [t.author_key for t in await engine.history("discord:channel:1")][2] == "discord:user:1"
+    await engine.respond("discord:channel:1", "Sam", "no key")
+    assert (await engine.history("discord:channel:1"))[-2].author_key == "Sam"
+
+
+async def test_forget_and_export_find_a_person_by_key_not_by_name(engine):
+    for channel in ("discord:channel:1", "discord:channel:2"):
+        await engine.respond(channel, "Sam", f"first sam in {channel}", author_key="discord:user:1")
+        await engine.respond(channel, "Sam", f"second sam in {channel}", author_key="discord:user:2")
+    exported = await engine.export_author("discord:user:1")
+    assert {cid: [t["text"] for t in ts] for cid, ts in exported["conversations"].items()} == {
+        "discord:channel:1": ["first sam in discord:channel:1"],
+        "discord:channel:2": ["first sam in discord:channel:2"]}
+    assert await engine.forget_author("discord:user:1") == 2
+    for channel in ("discord:channel:1", "discord:channel:2"):
+        turns = await engine.history(channel)
+        assert [t.role for t in turns] == ["bot", "user", "bot"]
+        assert [t.text for t in turns if t.role == "user"] == [f"second sam in {channel}"]
+    assert (await engine.export_author("discord:user:1"))["conversations"] == {}
+    with pytest.raises(ChatbotError, match="`author_key` must be"):
+        await engine.forget_author("")
+    with pytest.raises(ChatbotError, match="`author_key` must be"):
+        await engine.export_author("k" * 101)
+
+
+@pytest.mark.parametrize("bad", ["", "k" * 101, 7])
+async def test_a_bad_author_key_fails_before_anything_is_stored(engine, bad):
+    with pytest.raises(ChatbotError, match="`author_key` must be"):
+        await engine.respond("cli:t", "ada", "hi", author_key=bad)
+    with pytest.raises(ChatbotError, match="`author_key` must be"):
+        await engine.stream("cli:t", "ada", "hi", author_key=bad).text()
+    assert await engine.count("cli:t") == 0
+
+
 async def test_old_turns_expire(gen, tiny_prompts, monkeypatch):
     engine = make_engine(gen, InMemoryStore(), tiny_prompts, expire_after_days=1)
     await engine.store.append("cli:t", "ada", "user", "long ago")

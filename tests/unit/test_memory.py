@@ -55,6 +55,61 @@ async def test_forget_author_everywhere_and_nothing_else(store):
     assert await store.newest("discord:dm:9", 10) == []
 
 
+async def namesakes(store):
+    """Two people both called Sam (their Discord ids differ) in two channels, and the bot answering."""
+    for channel in ("discord:channel:1", "discord:channel:2"):
+        await store.append(channel, "Sam", "user", f"sam one in {channel}", author_key="discord:user:1")
+        await store.append(channel, "Bot", "bot", f"reply in {channel}")
+        await store.append(channel, "Sam", "user", f"sam two in {channel}", author_key="discord:user:2")
+
+
+async def test_forget_author_goes_by_key_not_display_name(store):
+    await namesakes(store)
+    assert await store.forget_author("Sam") == 0  # a name is only a key for turns stored without one
+    assert await store.forget_author("discord:user:1") == 2
+    for channel in ("discord:channel:1", "discord:channel:2"):
+        left = await store.newest(channel, 10)
+        assert [(t.text, t.author_key) for t in left] == [(f"reply in {channel}", "Bot"),
+                                                          (f"sam two in {channel}", "discord:user:2")]
+    assert await store.forget_author("discord:user:1") == 0
+
+
+async def test_the_key_defaults_to_the_author_name_and_is_on_every_row(store):
+    turn = await store.append("cli:local", "ada", "user", "hi")
+    assert turn.author_key == "ada"
+    keyed = await store.append("cli:local", "ada", "user", "again", author_key="cli:user:ada")
+    assert keyed.author_key == "cli:user:ada"
+    assert [t.author_key for t in await store.newest("cli:local", 5)] == ["ada", "cli:user:ada"]
+    assert [t["author_key"] for t in (await store.export("cli:local"))["turns"]] == ["ada", "cli:user:ada"]
+    assert await store.forget_author("ada") == 1
+
+
+async def test_export_author_is_exactly_that_keys_turns_by_conversation(store):
+    await store.append("discord:channel:2", "Sam", "user", "first, in 2", author_key="discord:user:1")
+    await namesakes(store)
+    data = json.loads(export_json(await store.export_author("discord:user:1")))
+    assert data["author_key"] == "discord:user:1" and data["exported_at"] > 0
+    assert list(data["conversations"]) == ["discord:channel:2", "discord:channel:1"]  # by their first turn
+    assert [t["text"] for t in data["conversations"]["discord:channel:1"]] == ["sam one in discord:channel:1"]
+    in_two = data["conversations"]["discord:channel:2"]
+    assert [t["text"] for t in in_two] == ["first, in 2", "sam one in discord:channel:2"]
+    assert in_two[0]["id"] < in_two[1]["id"]
+    every = [t for ts in data["conversations"].values() for t in ts]
+    assert {(t["role"], t["author"], t["author_key"]) for t in every} == {("user", "Sam", "discord:user:1")}
+    assert (await store.export_author("discord:user:9"))["conversations"] == {}
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "k" * 101, 42, b"discord:user:1"])
+async def test_a_bad_author_key_is_refused_and_nothing_is_written(store, bad):
+    with pytest.raises(ChatbotError, match="`author_key` must be"):
+        await store.append("cli:local", "ada", "user", "hi", author_key=bad)
+    assert await store.newest("cli:local", 10) == []
+    with pytest.raises(ChatbotError, match="`author_key` must be"):
+        await store.forget_author(bad)
+    with pytest.raises(ChatbotError, match="`author_key` must be"):
+        await store.export_author(bad)
+
+
 async def test_export_is_json(store):
     await store.append("langchain:session:x", "ada", "user", "héllo 🙂")
     data = await store.export("langchain:session:x")
@@ -119,6 +174,100 @@ async def test_sqlite_remembers_across_restarts_and_uses_wal(tmp_path):
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     with pytest.raises(ChatbotError, match="closed"):
         await second.newest("cli:local", 5)
+
+
+# The schema as version 1 wrote it, copied here so the migration is tested against the real thing.
+SCHEMA_V1 = """
+CREATE TABLE IF NOT EXISTS turns (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation_id TEXT NOT NULL,
+    author TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('user', 'bot')),
+    text TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS turns_by_conversation ON turns (conversation_id, id);
+CREATE INDEX IF NOT EXISTS turns_by_author ON turns (author);
+CREATE TABLE IF NOT EXISTS options (
+    conversation_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (conversation_id, key)
+);
+PRAGMA user_version=1;
+"""
+
+
+def version_1_file(path):
+    with sqlite3.connect(path) as conn:
+        conn.executescript(SCHEMA_V1)
+        conn.executemany("INSERT INTO turns (conversation_id, author, role, text, created_at) VALUES (?, ?, ?, ?, ?)",
+                         [("discord:channel:1", "ada", "user", "old ada", 1.0),
+                          ("discord:channel:1", "Bot", "bot", "old reply", 2.0),
+                          ("discord:dm:9", "ada", "user", "old ada in dm", 3.0),
+                          ("discord:channel:1", "bob", "user", "old bob", 4.0)])
+        conn.execute("INSERT INTO options VALUES ('discord:channel:1', 'persona', 'other')")
+    conn.close()
+
+
+async def test_a_version_1_file_is_migrated_on_open(tmp_path):
+    path = tmp_path / "v1.sqlite3"
+    version_1_file(path)
+    store = SQLiteMemoryStore(path)
+    turns = await store.newest("discord:channel:1", 10)
+    assert [(t.text, t.author_key) for t in turns] == [("old ada", "ada"), ("old reply", "Bot"), ("old bob", "bob")]
+    assert await store.get_options("discord:channel:1") == {"persona": "other"}
+    assert [t["text"] for t in (await store.export_author("ada"))["conversations"]["discord:dm:9"]] == ["old ada in dm"]
+    assert await store.forget_author("ada") == 2  # by name, as before the migration
+    assert [t.text for t in await store.newest("discord:channel:1", 10)] == ["old reply", "old bob"]
+    assert await store.newest("discord:dm:9", 10) == []
+    await store.append("discord:channel:1", "ada", "user", "new ada", author_key="discord:user:7")
+    await store.close()
+
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        indexes = {row[1] for row in conn.execute("PRAGMA index_list(turns)")}
+        assert "turns_by_author_key" in indexes
+    conn.close()
+    again = SQLiteMemoryStore(path)  # opening a migrated file again changes nothing
+    assert [(t.text, t.author_key) for t in await again.newest("discord:channel:1", 10)] == [
+        ("old reply", "Bot"), ("old bob", "bob"), ("new ada", "discord:user:7")]
+    await again.close()
+
+
+async def test_a_migration_that_fails_part_way_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    path = tmp_path / "v1.sqlite3"
+    version_1_file(path)
+    import chatbot.memory as memory
+
+    # Fails after the column is added and filled, before the version is written.
+    monkeypatch.setattr(memory, "_INDEXES", (*memory._INDEXES, "CREATE INDEX broken ON no_such_table (x)"))
+    with pytest.raises(ChatbotError, match="cannot open the memory database"):
+        SQLiteMemoryStore(path)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert "author_key" not in {row[1] for row in conn.execute("PRAGMA table_info(turns)")}
+    conn.close()
+    monkeypatch.undo()
+    store = SQLiteMemoryStore(path)
+    assert await store.forget_author("ada") == 2
+    await store.close()
+
+
+def test_a_newer_schema_is_refused_and_left_alone(tmp_path):
+    path = tmp_path / "future.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE turns (id INTEGER PRIMARY KEY, something TEXT)")
+        conn.execute("PRAGMA user_version=3")
+    conn.close()
+    with pytest.raises(ChatbotError, match=r"newer version \(schema 3\)"):
+        SQLiteMemoryStore(path)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert [row[1] for row in conn.execute("PRAGMA table_info(turns)")] == ["id", "something"]
+        assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'options'").fetchone() is None
+    conn.close()
 
 
 def test_not_a_database_is_a_clear_error(tmp_path):

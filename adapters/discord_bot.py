@@ -1,0 +1,615 @@
+"""The Discord face: a `commands.Cog` that turns Discord messages into engine calls.
+
+What it adds to the engine, and only that:
+
+- who gets an answer: a mention of the bot (or of its role), a reply to one of its
+  messages, a DM, or any message in a configured channel; never a bot, a webhook or
+  itself, so two bots can never talk each other into a loop;
+- where memory lives: one conversation per channel, per thread and per DM
+  (``discord:channel:<id>``, ``discord:thread:<id>``, ``discord:dm:<user id>``); the
+  prompt names people by display name, memory keys their turns by user id
+  (``discord:user:<id>``) so `/forget-me` and `/export` find them after a rename;
+- manners: typing while it works, replies streamed by editing its message no more than
+  once per `discord_edit_interval` in each channel, long replies split at clean places,
+  a per-user cooldown and a bound on waiting replies (each with a short note rather than
+  silence), a time limit, and no pings ever (`AllowedMentions.none()` on the client and
+  on every send, on top of the engine's own mention filter);
+- slash commands: /reset, /persona, /style, /forget-me, /export;
+- a clean stop: no new messages, replies in progress finish (or are cancelled after
+  `discord_shutdown_grace`), memory is closed, then the client.
+
+The engine is injected: `make_bot(engine, settings)` builds the client, which loads
+`adapters.discord_extension` (whose ``setup`` adds this cog with the client's engine). The model never runs on the
+event loop; the engine keeps it on its worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import re
+import signal
+import time
+import unicodedata
+from collections.abc import Callable
+from typing import Any
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from chatbot.config import Settings
+from chatbot.engine import ChatEngine, EngineBusy, GenerationFailed
+from chatbot.errors import ChatbotError
+from chatbot.generation import PRESETS
+from chatbot.memory import export_json
+from chatbot.safety import InputRejected
+
+from .discord_text import split_message
+
+__all__ = ["ChatCog", "ChatBot", "ShardedChatBot", "make_bot", "run_discord", "conversation_id_for",
+           "author_key_for", "speaker_name", "EXTENSION"]
+
+log = logging.getLogger(__name__)
+
+NO_MENTIONS = discord.AllowedMentions.none()
+EXTENSION = "adapters.discord_extension"
+"""The extension that adds `ChatCog` to a client made by `make_bot`. It is a module of its
+own because discord.py executes an extension's module afresh when loading it, which here
+would make a second copy of every class."""
+MAX_SPEAKER_CHARS = 32
+QUOTE_CHARS = 200
+"""How much of a replied-to message (not the bot's) is quoted to the model for context."""
+ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
+PLACEHOLDER = "…"
+
+_USER_MENTION = re.compile(r"<@!?(\d+)>")
+_ROLE_MENTION = re.compile(r"<@&(\d+)>")
+_CHANNEL_MENTION = re.compile(r"<#(\d+)>")
+_CUSTOM_EMOJI = re.compile(r"<a?(:\w+:)\d+>")
+
+
+# ---------------------------------------------------------------------------- naming
+
+
+def conversation_id_for(channel: Any, author: Any) -> str:
+    """The memory a message belongs to: its thread, its channel, or the DM with its author."""
+    if isinstance(channel, discord.Thread):
+        return f"discord:thread:{channel.id}"
+    if isinstance(channel, (discord.DMChannel, discord.GroupChannel)) or getattr(channel, "guild", None) is None:
+        return f"discord:dm:{author.id}"
+    return f"discord:channel:{channel.id}"
+
+
+def author_key_for(user: Any) -> str:
+    """The stable key a user's turns are stored under (display names change and repeat)."""
+    return f"discord:user:{user.id}"
+
+
+def speaker_name(user: Any, reserved: frozenset[str] = frozenset()) -> str:
+    """The name a user goes by in the prompt: the display name, made safe for a ``Name:`` line.
+
+    Colons and line breaks would let a name fake a turn boundary, so they go; a name that
+    collides with one of the bot's own speaker names gets a mark, so the model never
+    reads a person's words as its own.
+    """
+    name = unicodedata.normalize("NFKC", getattr(user, "display_name", "") or "")
+    name = "".join(" " if ch.isspace() else ch for ch in name
+                   if ch.isspace() or unicodedata.category(ch)[0] not in "CZ")
+    name = " ".join(name.replace(":", " ").split())[:MAX_SPEAKER_CHARS].strip()
+    if not name:
+        name = f"User{str(user.id)[-4:]}"
+    if name.casefold() in reserved:
+        name = f"{name} (user)"
+    return name
+
+
+def message_text(message: discord.Message, me: Any) -> str:
+    """What the user said, for the model: the bot's own mention removed, other mentions as names.
+
+    Written here rather than using `Message.clean_content` because that keeps the bot's
+    own mention ("@Bot hello") and gives no way to drop it.
+    """
+    users = {u.id: u for u in message.mentions}
+    roles = {r.id: r for r in message.role_mentions}
+
+    def user(match: re.Match[str]) -> str:
+        uid = int(match.group(1))
+        if me is not None and uid == me.id:
+            return ""
+        found = users.get(uid)
+        return f"@{found.display_name}" if found is not None else "@someone"
+
+    def role(match: re.Match[str]) -> str:
+        found = roles.get(int(match.group(1)))
+        if found is not None and _is_my_role(found, me):
+            return ""
+        return f"@{found.name}" if found is not None else "@role"
+
+    def channel(match: re.Match[str]) -> str:
+        guild = message.guild
+        found = guild.get_channel_or_thread(int(match.group(1))) if guild is not None else None
+        return f"#{found.name}" if found is not None else "#channel"
+
+    text = _USER_MENTION.sub(user, message.content)
+    text = _ROLE_MENTION.sub(role, text)
+    text = _CHANNEL_MENTION.sub(channel, text)
+    text = _CUSTOM_EMOJI.sub(r"\1", text)
+    return " ".join(text.split(" ")).strip()
+
+
+def _is_my_role(role: discord.Role, me: Any) -> bool:
+    """The role Discord gives a bot when it joins: people mention it thinking it is the bot."""
+    tags = role.tags
+    return me is not None and tags is not None and tags.bot_id == me.id
+
+
+# ---------------------------------------------------------------------------- replies on Discord
+
+
+class ChannelThrottle:
+    """At most one write (edit or send) per ``interval`` seconds in each channel.
+
+    Discord limits message edits per channel, so the pace is per channel: a reply
+    streaming in one channel never slows a reply in another.
+    """
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.clock = clock
+        self._next: dict[int, float] = {}
+
+    def ready(self, channel_id: int) -> bool:
+        return self.clock() >= self._next.get(channel_id, 0.0)
+
+    def wait_time(self, channel_id: int) -> float:
+        return max(0.0, self._next.get(channel_id, 0.0) - self.clock())
+
+    def wrote(self, channel_id: int) -> None:
+        self._next[channel_id] = self.clock() + self.interval
+        if len(self._next) > 10_000:  # forget channels long quiet
+            now = self.clock()
+            self._next = {k: v for k, v in self._next.items() if v > now}
+
+
+class LiveReply:
+    """The messages one reply occupies, brought up to date as its text grows.
+
+    The first piece is a reply to the user's message (without pinging them), the rest
+    follow in the channel. Text over 2,000 characters is split with
+    `adapters.discord_text.split_message` (at paragraph, line, sentence or word ends,
+    never inside an emoji, code fences closed and reopened), which is used instead of
+    `commands.Paginator` because that one only breaks at line ends and fails on a line
+    longer than the limit.
+    """
+
+    def __init__(self, trigger: discord.Message, throttle: ChannelThrottle) -> None:
+        self.trigger = trigger
+        self.throttle = throttle
+        self.channel_id = trigger.channel.id
+        self.messages: list[discord.Message] = []
+        self._shown: list[str] = []
+        self._text = ""
+
+    async def update(self, text: str, *, final: bool = False) -> None:
+        """Show ``text``: now if the channel's pace allows, else later (``final`` waits its turn)."""
+        self._text = text
+        if not final and not self.throttle.ready(self.channel_id):
+            return
+        if final:
+            await asyncio.sleep(self.throttle.wait_time(self.channel_id))
+        await self._write(final)
+
+    async def _write(self, final: bool) -> None:
+        text = self._text if final else self._text + " " + PLACEHOLDER
+        chunks = split_message(text.strip() or PLACEHOLDER)
+        wrote = False
+        for i, chunk in enumerate(chunks):
+            if i < len(self.messages):
+                if self._shown[i] != chunk:
+                    await self.messages[i].edit(content=chunk, allowed_mentions=NO_MENTIONS)
+                    self._shown[i] = chunk
+                    wrote = True
+                continue
+            if i == 0:
+                sent = await self.trigger.reply(chunk, mention_author=False, allowed_mentions=NO_MENTIONS)
+            else:
+                sent = await self.trigger.channel.send(chunk, allowed_mentions=NO_MENTIONS)
+            self.messages.append(sent)
+            self._shown.append(chunk)
+            wrote = True
+        for extra in self.messages[len(chunks):]:  # the text shrank (a final trim): drop the leftovers
+            await extra.delete()
+        del self.messages[len(chunks):], self._shown[len(chunks):]
+        if wrote:
+            self.throttle.wrote(self.channel_id)
+
+
+# ---------------------------------------------------------------------------- the cog
+
+
+class ChatCog(commands.Cog, name="Chat"):
+    """Answers messages through the engine, and the slash commands that manage memory."""
+
+    def __init__(self, bot: commands.Bot, engine: ChatEngine, settings: Settings | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.bot = bot
+        self.engine = engine
+        self.settings = settings or engine.settings
+        st = self.settings
+        self.channels = frozenset(st.discord_channels)
+        self.throttle = ChannelThrottle(st.discord_edit_interval, clock)
+        # discord.py's own cooldown buckets (keyed by author id), used outside a command.
+        self.cooldown = commands.CooldownMapping.from_cooldown(
+            st.discord_cooldown_messages, st.discord_cooldown_seconds, commands.BucketType.user)
+        self._warned: dict[int, float] = {}
+        self._clock = clock
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.closing = False
+        try:
+            speakers = {p.speaker for p in engine.personas().values()}
+        except ChatbotError:
+            speakers = set()
+        self._reserved = frozenset(s.casefold() for s in speakers | {engine.default_persona.speaker})
+
+    # ------------------------------------------------------------------ who gets an answer
+
+    def addressed(self, message: discord.Message) -> bool:
+        """Whether this message is for the bot: a DM, a mention, a reply to it, or a configured channel."""
+        me = self.bot.user
+        if me is None or message.author.id == me.id or message.author.bot or message.webhook_id is not None:
+            return False
+        if message.type not in ANSWERED_TYPES:
+            return False
+        if message.guild is None:
+            return True
+        channel = message.channel
+        if channel.id in self.channels or getattr(channel, "parent_id", None) in self.channels:
+            return True
+        if any(u.id == me.id for u in message.mentions):
+            return True
+        if any(_is_my_role(r, me) for r in message.role_mentions):
+            return True
+        return self._replied_to(message) is not None and self._replied_to(message).author.id == me.id
+
+    @staticmethod
+    def _replied_to(message: discord.Message) -> discord.Message | None:
+        ref = message.reference
+        if ref is None:
+            return None
+        resolved = ref.resolved if ref.resolved is not None else ref.cached_message
+        return resolved if isinstance(resolved, discord.Message) else None
+
+    @commands.Cog.listener()
+    async def on_message(self, message: discord.Message) -> None:
+        if self.closing or not self.addressed(message):
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            await self._answer(message)
+        except discord.HTTPException as err:
+            # Missing permissions in a channel, a deleted message: nothing to tell the user.
+            log.warning("could not reply in channel %s: %s", message.channel.id, err)
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def _answer(self, message: discord.Message) -> None:
+        retry_after = self.cooldown.get_bucket(message).update_rate_limit()
+        if retry_after:
+            await self._cooldown_note(message, retry_after)
+            return
+        if len(self._tasks) > self.settings.discord_max_pending:
+            await self._note(message, self.settings.discord_busy_reply)
+            return
+        text = message_text(message, self.bot.user)
+        quoted = self._quote(message)
+        if quoted:
+            text = f"{quoted}\n{text}" if text else quoted
+        if not text:
+            return  # a bare mention, or only attachments: nothing to answer
+        conversation_id = conversation_id_for(message.channel, message.author)
+        author = speaker_name(message.author, self._reserved)
+        key = author_key_for(message.author)
+        live = LiveReply(message, self.throttle)
+        try:
+            async with asyncio.timeout(self.settings.discord_reply_timeout), message.channel.typing():
+                if self.settings.discord_stream:
+                    await self._stream(live, conversation_id, author, key, text)
+                else:
+                    reply = await self.engine.respond(conversation_id, author, text, author_key=key)
+                    await live.update(reply.text, final=True)
+        except TimeoutError:
+            log.warning("%s: reply timed out after %.0f s", conversation_id, self.settings.discord_reply_timeout)
+            if live.messages:
+                await live.update(live._text + " …(out of time)", final=True)
+            else:
+                await self._note(message, "Sorry, that took me too long. Try again in a moment?")
+        except EngineBusy:
+            await self._note(message, self.settings.discord_busy_reply)
+        except InputRejected as err:
+            await self._note(message, f"I can't take that message: {err}.")
+        except GenerationFailed:
+            await self._note(message, "Sorry, something went wrong on my side. Your message is kept; try again?")
+        except ChatbotError as err:
+            if self.closing:
+                return
+            log.warning("%s: %s", conversation_id, err)
+            await self._note(message, "Sorry, I can't answer right now.")
+
+    async def _stream(self, live: LiveReply, conversation_id: str, author: str, key: str, text: str) -> None:
+        shown = ""
+        async with self.engine.stream(conversation_id, author, text, author_key=key) as stream:
+            async for piece in stream:
+                shown += piece
+                await live.update(shown)
+        await live.update(shown, final=True)
+
+    def _quote(self, message: discord.Message) -> str:
+        """Context for a reply to someone else's message, which the bot may never have seen."""
+        replied = self._replied_to(message)
+        me = self.bot.user
+        if replied is None or (me is not None and replied.author.id == me.id) or not replied.content:
+            return ""
+        quoted = message_text(replied, me)[:QUOTE_CHARS]
+        return f'(replying to {speaker_name(replied.author, self._reserved)}: "{quoted}")' if quoted else ""
+
+    async def _note(self, message: discord.Message, text: str) -> None:
+        await message.reply(text, mention_author=False, allowed_mentions=NO_MENTIONS)
+
+    async def _cooldown_note(self, message: discord.Message, retry_after: float) -> None:
+        # One note per cooldown window: answering every extra message would be the spam
+        # the cooldown is there to stop.
+        now = self._clock()
+        if self._warned.get(message.author.id, 0.0) > now:
+            return
+        self._warned = {k: v for k, v in self._warned.items() if v > now}
+        self._warned[message.author.id] = now + retry_after
+        await self._note(message, f"{self.settings.discord_cooldown_reply} (try again in {retry_after:.0f} s)")
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking messages; let replies in progress finish for ``grace`` seconds, then cancel them."""
+        self.closing = True
+        tasks = {t for t in self._tasks if t is not asyncio.current_task()}
+        if not tasks:
+            return
+        log.info("waiting up to %.0f s for %d replies in progress", grace, len(tasks))
+        _, pending = await asyncio.wait(tasks, timeout=grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+
+    # ------------------------------------------------------------------ slash commands
+
+    def _conversation(self, interaction: discord.Interaction) -> str:
+        return conversation_id_for(interaction.channel, interaction.user)
+
+    @staticmethod
+    def _may_manage(interaction: discord.Interaction) -> bool:
+        """Changing a server channel's memory or voice needs Manage Messages; a DM is the user's own."""
+        return interaction.guild is None or interaction.permissions.manage_messages
+
+    async def _deny(self, interaction: discord.Interaction, what: str) -> None:
+        await interaction.response.send_message(
+            f"You need the Manage Messages permission in this channel to {what}.", ephemeral=True,
+            allowed_mentions=NO_MENTIONS)
+
+    @app_commands.command(name="reset", description="Forget this channel's conversation (Manage Messages)")
+    @app_commands.default_permissions(manage_messages=True)
+    async def reset_command(self, interaction: discord.Interaction) -> None:
+        if not self._may_manage(interaction):
+            await self._deny(interaction, "reset the bot's memory")
+            return
+        removed = await self.engine.reset(self._conversation(interaction))
+        log.info("%s reset by %s (%d turns)", self._conversation(interaction), interaction.user.id, removed)
+        await interaction.response.send_message(
+            f"Done: I forgot this conversation ({removed} messages). Persona and style stay as they were.",
+            allowed_mentions=NO_MENTIONS)
+
+    async def _persona_names(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        personas = self.engine.personas()
+        return [app_commands.Choice(name=f"{name} ({p.speaker})", value=name) for name, p in sorted(personas.items())
+                if current.casefold() in name.casefold()][:25]
+
+    @app_commands.command(name="persona", description="Show the personas, or choose this channel's")
+    @app_commands.describe(name="persona to use from now on (leave empty to list them)")
+    @app_commands.autocomplete(name=_persona_names)
+    async def persona_command(self, interaction: discord.Interaction, name: str | None = None) -> None:
+        conversation_id = self._conversation(interaction)
+        if name is None:
+            current, _ = await self.engine.choices(conversation_id)
+            lines = [f"{'→' if n == current.name else '•'} **{n}** ({p.speaker}){_first_line(p.description)}"
+                     for n, p in sorted(self.engine.personas().items())]
+            await interaction.response.send_message("\n".join(lines) + "\n\n`/persona name` switches.",
+                                                    ephemeral=True, allowed_mentions=NO_MENTIONS)
+            return
+        if not self._may_manage(interaction):
+            await self._deny(interaction, "change the bot's persona")
+            return
+        persona = await self.engine.set_persona(conversation_id, name)
+        await interaction.response.send_message(f"From now on you're talking to {persona.speaker} "
+                                                f"(persona {persona.name}).", allowed_mentions=NO_MENTIONS)
+
+    @app_commands.command(name="style", description="Show the decoding styles, or choose this channel's")
+    @app_commands.describe(preset="style to use from now on; 'default' goes back to the persona's")
+    @app_commands.choices(preset=[app_commands.Choice(name=n, value=n) for n in (*PRESETS, "default")])
+    async def style_command(self, interaction: discord.Interaction, preset: str | None = None) -> None:
+        conversation_id = self._conversation(interaction)
+        if preset is None:
+            _, current = await self.engine.choices(conversation_id)
+            lines = [f"{'→' if n == current else '•'} **{n}**: {_describe_preset(n)}" for n in PRESETS]
+            await interaction.response.send_message("\n".join(lines) + "\n\n`/style preset` switches.",
+                                                    ephemeral=True, allowed_mentions=NO_MENTIONS)
+            return
+        if not self._may_manage(interaction):
+            await self._deny(interaction, "change the bot's style")
+            return
+        chosen = await self.engine.set_preset(conversation_id, None if preset == "default" else preset)
+        await interaction.response.send_message(f"Style is now **{chosen}**.", allowed_mentions=NO_MENTIONS)
+
+    @app_commands.command(name="forget-me", description="Erase everything you said to the bot, in every channel")
+    @app_commands.checks.cooldown(1, 10.0, key=lambda i: i.user.id)
+    async def forget_me_command(self, interaction: discord.Interaction) -> None:
+        removed = await self.engine.forget_author(author_key_for(interaction.user))
+        log.info("forgot %d turns for a user on request", removed)
+        await interaction.response.send_message(f"Done: {removed} of your messages are erased, everywhere.",
+                                                ephemeral=True, allowed_mentions=NO_MENTIONS)
+
+    @app_commands.command(name="export", description="Get everything you said to the bot as a file (only you see it)")
+    @app_commands.checks.cooldown(1, 30.0, key=lambda i: i.user.id)
+    async def export_command(self, interaction: discord.Interaction) -> None:
+        data = await self.engine.export_author(author_key_for(interaction.user))
+        count = sum(len(turns) for turns in data["conversations"].values())
+        file = discord.File(io.BytesIO(export_json(data).encode("utf-8")), filename="chatbot-export.json")
+        await interaction.response.send_message(
+            f"Here is what I keep from you: {count} messages in {len(data['conversations'])} conversations.",
+            file=file, ephemeral=True, allowed_mentions=NO_MENTIONS)
+
+    async def cog_app_command_error(self, interaction: discord.Interaction,
+                                    error: app_commands.AppCommandError) -> None:
+        cause = getattr(error, "original", error)
+        if isinstance(error, app_commands.CommandOnCooldown):
+            text = f"Once more in {error.retry_after:.0f} s, please."
+        elif isinstance(cause, ChatbotError):
+            text = str(cause)
+        elif isinstance(error, app_commands.CheckFailure):
+            text = "You can't use that command here."
+        else:
+            log.error("slash command /%s failed", interaction.command and interaction.command.name, exc_info=cause)
+            text = "Sorry, that didn't work."
+        send = interaction.followup.send if interaction.response.is_done() else interaction.response.send_message
+        await send(text, ephemeral=True, allowed_mentions=NO_MENTIONS)
+
+
+def _first_line(text: str) -> str:
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return f": {line[:80]}" if line else ""
+
+
+def _describe_preset(name: str) -> str:
+    s = PRESETS[name]
+    if s.temperature == 0:
+        return "greedy: the most likely words, always the same"
+    return f"sampling at temperature {s.temperature:g}, top-p {s.top_p:g}"
+
+
+# ---------------------------------------------------------------------------- the client
+
+
+def _intents() -> discord.Intents:
+    intents = discord.Intents.default()
+    # Privileged: without it messages that don't mention the bot (replies with the ping
+    # turned off, configured channels) arrive with empty text.
+    intents.message_content = True
+    return intents
+
+
+class _ChatClient:
+    """What both client classes share: the engine, the extension, no prefix commands, a clean stop."""
+
+    engine: ChatEngine
+    chat_settings: Settings
+
+    def _init_chat(self, engine: ChatEngine, settings: Settings) -> dict[str, Any]:
+        self.engine = engine
+        self.chat_settings = settings
+        self._stopped = False
+        return {"command_prefix": commands.when_mentioned, "intents": _intents(), "help_command": None,
+                "allowed_mentions": NO_MENTIONS}
+
+    async def setup_hook(self) -> None:
+        await self.load_extension(EXTENSION)  # type: ignore[attr-defined]
+        if self.chat_settings.discord_sync_commands:
+            synced = await self.tree.sync()  # type: ignore[attr-defined]
+            log.info("registered %d slash commands", len(synced))
+
+    async def on_message(self, message: discord.Message) -> None:
+        # All commands are slash commands; the cog's listener answers messages. The
+        # default would also try to run "@bot hello" as a prefix command named "hello".
+        return None
+
+    async def close(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            cog = self.get_cog("Chat")  # type: ignore[attr-defined]
+            if isinstance(cog, ChatCog):
+                await cog.drain(self.chat_settings.discord_shutdown_grace)
+            await self.engine.close()  # the memory store is flushed and closed here
+        await super().close()  # type: ignore[misc]
+
+
+class ChatBot(_ChatClient, commands.Bot):
+    """One connection; right for bots in up to a couple of thousand servers."""
+
+    def __init__(self, engine: ChatEngine, settings: Settings | None = None, **options: Any) -> None:
+        settings = settings or engine.settings
+        super().__init__(**{**self._init_chat(engine, settings), **options})
+
+
+class ShardedChatBot(_ChatClient, commands.AutoShardedBot):
+    """As many connections (shards) as Discord asks for, all answered by the one engine in this process."""
+
+    def __init__(self, engine: ChatEngine, settings: Settings | None = None, **options: Any) -> None:
+        settings = settings or engine.settings
+        super().__init__(**{**self._init_chat(engine, settings), **options})
+
+
+def make_bot(engine: ChatEngine, settings: Settings | None = None, **options: Any) -> ChatBot | ShardedChatBot:
+    """The Discord client for ``engine``: sharded when `Settings.discord_sharded` says so."""
+    settings = settings or engine.settings
+    cls = ShardedChatBot if settings.discord_sharded else ChatBot
+    return cls(engine, settings, **options)
+
+
+# ---------------------------------------------------------------------------- running
+
+
+async def run_discord(settings: Settings, *, engine: ChatEngine | None = None) -> None:
+    """Log in and answer until SIGTERM or Ctrl-C, then stop cleanly.
+
+    Raises `ChatbotError` with what to do for a missing or refused token and for the
+    Message Content intent not being enabled.
+    """
+    if settings.discord_token is None:
+        raise ChatbotError("no Discord token: set DISCORD_TOKEN in the environment or discord_token in the "
+                           "settings file (see the README's Discord section)")
+    token = settings.discord_token.get_secret_value()
+    if engine is None:
+        engine = await asyncio.to_thread(ChatEngine.from_settings, settings)
+    bot = make_bot(engine, settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
+            pass
+    try:
+        async with bot:
+            runner = asyncio.create_task(bot.start(token))
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if not runner.done():
+                log.info("stopping: no new messages, finishing replies in progress")
+                await bot.close()
+            await runner  # raises what ended the connection (a refused token, say)
+    except discord.LoginFailure:
+        raise ChatbotError("Discord refused the token: check DISCORD_TOKEN (the bot token from the developer "
+                           "portal's Bot page, not the client secret)") from None
+    except discord.PrivilegedIntentsRequired:
+        raise ChatbotError("Discord refused the connection: turn on MESSAGE CONTENT INTENT on the developer "
+                           "portal's Bot page, then start the bot again") from None
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError):
+                pass
+        await engine.close()
