@@ -26,6 +26,7 @@ event loop; the engine keeps it on its worker thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import re
@@ -35,6 +36,7 @@ import unicodedata
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import discord
 from discord import app_commands
 from discord.ext import commands
@@ -44,7 +46,7 @@ from chatbot.engine import ChatEngine, EngineBusy, GenerationFailed
 from chatbot.errors import ChatbotError
 from chatbot.generation import PRESETS
 from chatbot.memory import export_json
-from chatbot.safety import InputRejected
+from chatbot.safety import InputRejected, skeleton
 
 from .discord_text import split_message
 
@@ -59,8 +61,13 @@ EXTENSION = "adapters.discord_extension"
 own because discord.py executes an extension's module afresh when loading it, which here
 would make a second copy of every class."""
 MAX_SPEAKER_CHARS = 32
-QUOTE_CHARS = 200
-"""How much of a replied-to message (not the bot's) is quoted to the model for context."""
+QUOTE_CHARS = 300
+"""How much of a replied-to message is given to the model as context."""
+RECENT_TURNS = 12
+"""Someone's replied-to message found among this many newest turns is not stored again."""
+RECENT_BOT_TURNS = 4
+"""The bot's own replied-to message is stored again unless it is this recent: only the
+newest turns are sure to be in the window."""
 ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 PLACEHOLDER = "…"
 
@@ -100,7 +107,7 @@ def speaker_name(user: Any, reserved: frozenset[str] = frozenset()) -> str:
     name = " ".join(name.replace(":", " ").split())[:MAX_SPEAKER_CHARS].strip()
     if not name:
         name = f"User{str(user.id)[-4:]}"
-    if name.casefold() in reserved:
+    if skeleton(name) in reserved:  # "Bоt" with a Cyrillic о, "B.o.t": still the bot's name to a reader
         name = f"{name} (user)"
     return name
 
@@ -136,7 +143,7 @@ def message_text(message: discord.Message, me: Any) -> str:
     text = _ROLE_MENTION.sub(role, text)
     text = _CHANNEL_MENTION.sub(channel, text)
     text = _CUSTOM_EMOJI.sub(r"\1", text)
-    return " ".join(text.split(" ")).strip()
+    return re.sub(r"[ \t]{2,}", " ", text).strip()  # a removed mention leaves a double space
 
 
 def _is_my_role(role: discord.Role, me: Any) -> bool:
@@ -176,54 +183,83 @@ class ChannelThrottle:
 class LiveReply:
     """The messages one reply occupies, brought up to date as its text grows.
 
-    The first piece is a reply to the user's message (without pinging them), the rest
-    follow in the channel. Text over 2,000 characters is split with
-    `adapters.discord_text.split_message` (at paragraph, line, sentence or word ends,
-    never inside an emoji, code fences closed and reopened), which is used instead of
-    `commands.Paginator` because that one only breaks at line ends and fails on a line
-    longer than the limit.
+    The first piece replies to the user's message (without pinging them, and still
+    posted if that message was deleted meanwhile); the rest follow in the channel.
+    Every request (a send, an edit, a delete) keeps the channel's pace. A reply that is
+    complete within one interval goes out once, finished; a longer one shows its text so
+    far with a trailing "…" until `finish`.
+
+    Text over 2,000 characters is split with `adapters.discord_text.split_message` (at
+    paragraph, line, sentence or word ends, never inside an emoji, code fences closed
+    and reopened), used instead of `commands.Paginator` because that one only breaks at
+    line ends and fails on a line longer than the limit.
     """
 
-    def __init__(self, trigger: discord.Message, throttle: ChannelThrottle) -> None:
+    def __init__(self, trigger: discord.Message, throttle: ChannelThrottle,
+                 on_first_write: Callable[[], Any] = lambda: None) -> None:
         self.trigger = trigger
         self.throttle = throttle
         self.channel_id = trigger.channel.id
         self.messages: list[discord.Message] = []
         self._shown: list[str] = []
         self._text = ""
+        self._started = throttle.clock()
+        self._on_first_write = on_first_write
 
-    async def update(self, text: str, *, final: bool = False) -> None:
-        """Show ``text``: now if the channel's pace allows, else later (``final`` waits its turn)."""
+    @property
+    def text(self) -> str:
+        """The reply's text so far (what `update` or `finish` was last given)."""
+        return self._text
+
+    async def update(self, text: str) -> None:
+        """The reply so far: shown now if the channel's pace allows, else at a later update."""
         self._text = text
-        if not final and not self.throttle.ready(self.channel_id):
-            return
-        if final:
-            await asyncio.sleep(self.throttle.wait_time(self.channel_id))
-        await self._write(final)
+        if not self.messages and self.throttle.clock() - self._started < self.throttle.interval:
+            return  # a quick reply goes out once, finished, with no placeholder to edit away
+        await self._write(f"{text} {PLACEHOLDER}", pace=False)
 
-    async def _write(self, final: bool) -> None:
-        text = self._text if final else self._text + " " + PLACEHOLDER
+    async def finish(self, text: str, *, wait: bool = True) -> None:
+        """Show the final text; ``wait=False`` skips the pace (a last edit on the way out)."""
+        self._text = text
+        await self._write(text, pace=wait, final=True)
+
+    async def _write(self, text: str, *, pace: bool, final: bool = False) -> None:
         chunks = split_message(text.strip() or PLACEHOLDER)
-        wrote = False
         for i, chunk in enumerate(chunks):
-            if i < len(self.messages):
-                if self._shown[i] != chunk:
-                    await self.messages[i].edit(content=chunk, allowed_mentions=NO_MENTIONS)
-                    self._shown[i] = chunk
-                    wrote = True
+            if i < len(self._shown) and self._shown[i] == chunk:
                 continue
-            if i == 0:
-                sent = await self.trigger.reply(chunk, mention_author=False, allowed_mentions=NO_MENTIONS)
+            if not await self._turn(pace, final):
+                return  # not this channel's turn yet; a later update carries on
+            if i < len(self.messages):
+                await self.messages[i].edit(content=chunk, allowed_mentions=NO_MENTIONS)
+                self._shown[i] = chunk
             else:
-                sent = await self.trigger.channel.send(chunk, allowed_mentions=NO_MENTIONS)
-            self.messages.append(sent)
-            self._shown.append(chunk)
-            wrote = True
-        for extra in self.messages[len(chunks):]:  # the text shrank (a final trim): drop the leftovers
-            await extra.delete()
-        del self.messages[len(chunks):], self._shown[len(chunks):]
-        if wrote:
-            self.throttle.wrote(self.channel_id)
+                self.messages.append(await self._send(chunk, first=i == 0))
+                self._shown.append(chunk)
+        while len(self.messages) > len(chunks):  # the text shrank (a final trim): drop the leftovers
+            if not await self._turn(pace, final):
+                return
+            await self.messages.pop().delete()
+            self._shown.pop()
+
+    async def _turn(self, pace: bool, final: bool) -> bool:
+        """Whether a request may go now: waits for the channel's pace when ``pace`` and ``final``."""
+        if final:
+            if pace:
+                await asyncio.sleep(self.throttle.wait_time(self.channel_id))
+        elif not self.throttle.ready(self.channel_id):
+            return False
+        self.throttle.wrote(self.channel_id)
+        return True
+
+    async def _send(self, content: str, *, first: bool) -> discord.Message:
+        if not self.messages:
+            self._on_first_write()
+        if first:
+            reference = self.trigger.to_reference(fail_if_not_exists=False)
+            return await self.trigger.channel.send(content, reference=reference, mention_author=False,
+                                                   allowed_mentions=NO_MENTIONS)
+        return await self.trigger.channel.send(content, allowed_mentions=NO_MENTIONS)
 
 
 # ---------------------------------------------------------------------------- the cog
@@ -251,7 +287,7 @@ class ChatCog(commands.Cog, name="Chat"):
             speakers = {p.speaker for p in engine.personas().values()}
         except ChatbotError:
             speakers = set()
-        self._reserved = frozenset(s.casefold() for s in speakers | {engine.default_persona.speaker})
+        self._reserved = frozenset(skeleton(s) for s in speakers | {engine.default_persona.speaker})
 
     # ------------------------------------------------------------------ who gets an answer
 
@@ -271,7 +307,8 @@ class ChatCog(commands.Cog, name="Chat"):
             return True
         if any(_is_my_role(r, me) for r in message.role_mentions):
             return True
-        return self._replied_to(message) is not None and self._replied_to(message).author.id == me.id
+        replied = self._replied_to(message)
+        return replied is not None and replied.author.id == me.id
 
     @staticmethod
     def _replied_to(message: discord.Message) -> discord.Message | None:
@@ -298,6 +335,10 @@ class ChatCog(commands.Cog, name="Chat"):
                 self._tasks.discard(task)
 
     async def _answer(self, message: discord.Message) -> None:
+        text = message_text(message, self.bot.user)
+        replied = self._replied_to(message)
+        if not text:
+            return  # a bare mention, or only attachments: nothing to answer, nothing counted
         retry_after = self.cooldown.get_bucket(message).update_rate_limit()
         if retry_after:
             await self._cooldown_note(message, retry_after)
@@ -305,60 +346,94 @@ class ChatCog(commands.Cog, name="Chat"):
         if len(self._tasks) > self.settings.discord_max_pending:
             await self._note(message, self.settings.discord_busy_reply)
             return
-        text = message_text(message, self.bot.user)
-        quoted = self._quote(message)
-        if quoted:
-            text = f"{quoted}\n{text}" if text else quoted
-        if not text:
-            return  # a bare mention, or only attachments: nothing to answer
         conversation_id = conversation_id_for(message.channel, message.author)
         author = speaker_name(message.author, self._reserved)
         key = author_key_for(message.author)
-        live = LiveReply(message, self.throttle)
+        typing = asyncio.create_task(self._keep_typing(message.channel))
+        live = LiveReply(message, self.throttle, on_first_write=typing.cancel)
+        final: str | None = None
         try:
-            async with asyncio.timeout(self.settings.discord_reply_timeout), message.channel.typing():
+            async with asyncio.timeout(self.settings.discord_reply_timeout):
+                if replied is not None:
+                    await self._remember_replied(replied, conversation_id)
                 if self.settings.discord_stream:
-                    await self._stream(live, conversation_id, author, key, text)
+                    final = await self._stream(live, conversation_id, author, key, text)
                 else:
-                    reply = await self.engine.respond(conversation_id, author, text, author_key=key)
-                    await live.update(reply.text, final=True)
+                    final = (await self.engine.respond(conversation_id, author, text, author_key=key)).text
         except TimeoutError:
-            log.warning("%s: reply timed out after %.0f s", conversation_id, self.settings.discord_reply_timeout)
+            log.warning("%s: reply timed out after %g s", conversation_id, self.settings.discord_reply_timeout)
+            final = await self._cut_short(live, message, "out of time", "Sorry, that took me too long. "
+                                                                        "Try again in a moment?")
+        except asyncio.CancelledError:
+            # Shutting down past the grace: say so on the message rather than leave its "…".
+            typing.cancel()
             if live.messages:
-                await live.update(live._text + " …(out of time)", final=True)
-            else:
-                await self._note(message, "Sorry, that took me too long. Try again in a moment?")
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(live.finish(f"{live.text} …(interrupted)", wait=False), 5)
+            raise
         except EngineBusy:
-            await self._note(message, self.settings.discord_busy_reply)
+            final = await self._cut_short(live, message, "busy", self.settings.discord_busy_reply)
         except InputRejected as err:
             await self._note(message, f"I can't take that message: {err}.")
         except GenerationFailed:
-            await self._note(message, "Sorry, something went wrong on my side. Your message is kept; try again?")
+            final = await self._cut_short(live, message, "stopped", "Sorry, something went wrong on my side. "
+                                                                    "Your message is kept; try again?")
         except ChatbotError as err:
-            if self.closing:
-                return
-            log.warning("%s: %s", conversation_id, err)
-            await self._note(message, "Sorry, I can't answer right now.")
+            if not self.closing:
+                log.warning("%s: %s", conversation_id, err)
+                final = await self._cut_short(live, message, "stopped", "Sorry, I can't answer right now.")
+        finally:
+            typing.cancel()
+        if final is not None:
+            # Outside the time limit: a reply that is finished (and stored) is shown whole.
+            await live.finish(final)
 
-    async def _stream(self, live: LiveReply, conversation_id: str, author: str, key: str, text: str) -> None:
+    async def _stream(self, live: LiveReply, conversation_id: str, author: str, key: str, text: str) -> str:
         shown = ""
         async with self.engine.stream(conversation_id, author, text, author_key=key) as stream:
             async for piece in stream:
                 shown += piece
                 await live.update(shown)
-        await live.update(shown, final=True)
+        return stream.reply.text if stream.reply is not None else shown
 
-    def _quote(self, message: discord.Message) -> str:
-        """Context for a reply to someone else's message, which the bot may never have seen."""
-        replied = self._replied_to(message)
+    async def _cut_short(self, live: LiveReply, message: discord.Message, why: str, note: str) -> str | None:
+        """A reply that cannot go on: its shown part ends with the reason, or the user gets ``note``."""
+        if live.messages:
+            return f"{live.text} …({why})"
+        await self._note(message, note)
+        return None
+
+    async def _remember_replied(self, replied: discord.Message, conversation_id: str) -> None:
+        """Context for a reply: the message replied to, if the window may not hold it.
+
+        Someone else's message goes in as their own turn (so `/forget-me` finds it under
+        their key); one of the bot's old replies goes in again when it has left the
+        newest turns.
+        """
         me = self.bot.user
-        if replied is None or (me is not None and replied.author.id == me.id) or not replied.content:
-            return ""
-        quoted = message_text(replied, me)[:QUOTE_CHARS]
-        return f'(replying to {speaker_name(replied.author, self._reserved)}: "{quoted}")' if quoted else ""
+        quoted = message_text(replied, me)
+        if not quoted:
+            return
+        if len(quoted) > QUOTE_CHARS:
+            quoted = quoted[:QUOTE_CHARS].rsplit(" ", 1)[0] + " …"
+        mine = me is not None and replied.author.id == me.id
+        await self.engine.remember(
+            conversation_id, speaker_name(replied.author, self._reserved), quoted, role="bot" if mine else "user",
+            author_key=None if mine else author_key_for(replied.author),
+            unless_within=RECENT_BOT_TURNS if mine else RECENT_TURNS)
+
+    async def _keep_typing(self, channel: Any) -> None:
+        """Show "typing" until the first piece of the reply is out (one indicator lasts about 10 s)."""
+        try:
+            while True:
+                await channel.typing()
+                await asyncio.sleep(8)
+        except discord.HTTPException as err:
+            log.debug("no typing indicator in %s: %s", channel.id, err)
 
     async def _note(self, message: discord.Message, text: str) -> None:
-        await message.reply(text, mention_author=False, allowed_mentions=NO_MENTIONS)
+        await message.channel.send(text, reference=message.to_reference(fail_if_not_exists=False),
+                                   mention_author=False, allowed_mentions=NO_MENTIONS)
 
     async def _cooldown_note(self, message: discord.Message, retry_after: float) -> None:
         # One note per cooldown window: answering every extra message would be the spam
@@ -371,6 +446,10 @@ class ChatCog(commands.Cog, name="Chat"):
         await self._note(message, f"{self.settings.discord_cooldown_reply} (try again in {retry_after:.0f} s)")
 
     # ------------------------------------------------------------------ shutdown
+
+    async def cog_unload(self) -> None:
+        # Also reached when a client that loaded the extension itself closes.
+        await self.drain(self.settings.discord_shutdown_grace)
 
     async def drain(self, grace: float) -> None:
         """Stop taking messages; let replies in progress finish for ``grace`` seconds, then cancel them."""
@@ -406,9 +485,12 @@ class ChatCog(commands.Cog, name="Chat"):
         if not self._may_manage(interaction):
             await self._deny(interaction, "reset the bot's memory")
             return
+        # Resetting waits for a reply in progress here to finish; Discord wants an answer
+        # within 3 s, so acknowledge first and say what happened when it is done.
+        await interaction.response.defer(thinking=True)
         removed = await self.engine.reset(self._conversation(interaction))
         log.info("%s reset by %s (%d turns)", self._conversation(interaction), interaction.user.id, removed)
-        await interaction.response.send_message(
+        await interaction.followup.send(
             f"Done: I forgot this conversation ({removed} messages). Persona and style stay as they were.",
             allowed_mentions=NO_MENTIONS)
 
@@ -519,7 +601,7 @@ class _ChatClient:
     def _init_chat(self, engine: ChatEngine, settings: Settings) -> dict[str, Any]:
         self.engine = engine
         self.chat_settings = settings
-        self._stopped = False
+        self._stopping: asyncio.Future[None] | None = None
         return {"command_prefix": commands.when_mentioned, "intents": _intents(), "help_command": None,
                 "allowed_mentions": NO_MENTIONS}
 
@@ -535,12 +617,17 @@ class _ChatClient:
         return None
 
     async def close(self) -> None:
-        if not self._stopped:
-            self._stopped = True
-            cog = self.get_cog("Chat")  # type: ignore[attr-defined]
-            if isinstance(cog, ChatCog):
-                await cog.drain(self.chat_settings.discord_shutdown_grace)
-            await self.engine.close()  # the memory store is flushed and closed here
+        # discord.py may call close() itself (a gateway that cannot resume) while a signal
+        # already did: every caller waits for the one orderly stop.
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop())
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self) -> None:
+        cog = self.get_cog("Chat")  # type: ignore[attr-defined]
+        if isinstance(cog, ChatCog):
+            await cog.drain(self.chat_settings.discord_shutdown_grace)
+        await self.engine.close()  # the memory store is flushed and closed here
         await super().close()  # type: ignore[misc]
 
 
@@ -606,6 +693,10 @@ async def run_discord(settings: Settings, *, engine: ChatEngine | None = None) -
     except discord.PrivilegedIntentsRequired:
         raise ChatbotError("Discord refused the connection: turn on MESSAGE CONTENT INTENT on the developer "
                            "portal's Bot page, then start the bot again") from None
+    except (aiohttp.ClientError, OSError, discord.GatewayNotFound) as err:
+        # Once connected, discord.py reconnects by itself; this is a failure to connect at all.
+        raise ChatbotError(f"cannot reach Discord ({type(err).__name__}: {err}); check the network "
+                           "and try again") from None
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:

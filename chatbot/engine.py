@@ -325,6 +325,37 @@ class ChatEngine:
         conversation (see `MemoryStore.export_author`)."""
         return await self.store.export_author(check_author_key(author_key))
 
+    async def remember(self, conversation_id: str, author: str, text: str, *, role: str = "user",
+                       author_key: str | None = None, unless_within: int = 0) -> Turn | None:
+        """Store a turn without answering it: context the bot should see, such as the message
+        someone replied to (a ``user`` turn of its author) or an old reply of the bot's own
+        that has left the window (a ``bot`` turn, under this conversation's speaker).
+
+        The text is cleaned as a message is, and cut to `Settings.max_input_chars` rather
+        than refused. With ``unless_within`` > 0, nothing is stored (None is returned) when
+        one of that many newest turns already holds the same text from the same role.
+        """
+        if role not in ("user", "bot"):
+            raise ChatbotError(f"`role` must be user or bot, got {role!r}")
+        text = text[: self.settings.max_input_chars] if isinstance(text, str) else text
+        text = self._check_message(conversation_id, author, text, author_key)
+        async with self._locks.hold(conversation_id):
+            options = await self.store.get_options(conversation_id)
+            chosen, _ = self._resolve(options)
+            earlier = await self.store.newest(conversation_id, max(unless_within, self.settings.max_history_turns))
+            if role == "bot":
+                author, author_key = chosen.speaker, None
+            text = neutralise_speaker_tags(text, self._speakers(earlier, chosen, author))
+            # Only turns the window reads can count as already there.
+            within = min(unless_within, self.settings.max_history_turns - 1)
+            if within > 0 and any(t.role == role and t.text == text for t in earlier[-within:]):
+                return None
+            return await self.store.append(conversation_id, author, role, text, author_key=author_key)  # type: ignore[arg-type]
+
+    def _speakers(self, earlier: list[Turn], chosen: Persona, author: str) -> set[str]:
+        """Every name that may start a turn in this conversation's prompt."""
+        return {t.author for t in earlier} | self._persona_speakers | {EXAMPLE_USER, chosen.speaker, author}
+
     async def export(self, conversation_id: str) -> dict[str, Any]:
         return await self.store.export(check_conversation_id(conversation_id))
 
@@ -438,8 +469,11 @@ class ChatEngine:
             finally:
                 getattr(pieces, "close", lambda: None)()  # stops the model when we left early
 
+        # Leaving early (a time limit, a shutdown, an unsafe sentence) stops the model at its
+        # next token, not at the end of the sentence it is writing.
+        stop_model = request.cancel.set if request.cancel is not None else None
         try:
-            async for item in iterate_in_thread(gated, self._executor):
+            async for item in iterate_in_thread(gated, self._executor, on_stop=stop_model):
                 yield item
         except ChatbotError:
             raise
@@ -482,6 +516,11 @@ class ChatEngine:
             attempt += 1
             try:
                 result = (await self._in_worker(self.generator.generate, [request]))[0]
+            except asyncio.CancelledError:
+                # Whoever waited has gone (a time limit, a shutdown): free the model for the next reply.
+                if request.cancel is not None:
+                    request.cancel.set()
+                raise
             except Exception as err:
                 raise self._failed(plan.user_turn.conversation_id, err) from err
             verdict = await asyncio.to_thread(self.output_filter.check, result.text, context)
@@ -589,7 +628,7 @@ class ChatEngine:
                                f"{self.generator.context_size} tokens, got {settings.max_new_tokens}")
 
         earlier = await self.store.newest(conversation_id, self.settings.max_history_turns - 1)
-        speakers = {t.author for t in earlier} | self._persona_speakers | {EXAMPLE_USER, chosen.speaker, author}
+        speakers = self._speakers(earlier, chosen, author)
         # Nobody may start a fake turn of any speaker of this conversation inside their message.
         text = neutralise_speaker_tags(text, speakers)
         user_turn = await self.store.append(conversation_id, author, "user", text, author_key=author_key)
@@ -605,7 +644,8 @@ class ChatEngine:
         recent = tuple(t.text for t in earlier if t.role == "bot")[-settings.repeat_lookback:]
         if window.dropped:
             log.info("%s: window dropped %d turns", conversation_id, len(window.dropped))
-        request = GenerationRequest(planned.prompt, settings, planned.stop_strings, planned.bot_texts)
+        request = GenerationRequest(planned.prompt, settings, planned.stop_strings, planned.bot_texts,
+                                    cancel=threading.Event())
         return _Plan(chosen, settings, request, window, user_turn, window.tokens, recent, tuple(sorted(speakers)))
 
     async def _maybe_expire(self) -> None:
@@ -619,12 +659,14 @@ class ChatEngine:
             log.info("expired %d turns older than %g days", removed, days)
 
 
-async def iterate_in_thread(make: Callable[[], Iterator[T]], executor: Executor | None = None) -> AsyncIterator[T]:
+async def iterate_in_thread(make: Callable[[], Iterator[T]], executor: Executor | None = None, *,
+                            on_stop: Callable[[], None] | None = None) -> AsyncIterator[T]:
     """Run a blocking iterator on a worker thread and yield its items without blocking the loop.
 
     Closing this generator early stops the iterator (it is closed on its own thread) and
     waits for the thread to finish, so whatever the iterator holds is released by then.
-    Errors from the iterator are raised here.
+    ``on_stop`` is called first, whenever this generator ends: the way to interrupt an
+    iterator that is busy between two items. Errors from the iterator are raised here.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -656,4 +698,6 @@ async def iterate_in_thread(make: Callable[[], Iterator[T]], executor: Executor 
                 break
     finally:
         stop.set()
+        if on_stop is not None:
+            on_stop()
         await asyncio.shield(worker)

@@ -158,6 +158,8 @@ class GenerationRequest:
     trim_to_sentence: bool = True
     """Cut a reply that ran out of tokens back to its last full sentence (chat); off for plain completion,
     where `generate` must give exactly the text `stream` shows."""
+    cancel: threading.Event | None = field(default=None, compare=False, repr=False)
+    """Set it (from any thread) to end this request at its next token: whoever asked has gone."""
 
     def retry(self, attempt: int) -> GenerationRequest:
         """The same request for another try: a new seed, and sampling where this one is greedy
@@ -165,7 +167,9 @@ class GenerationRequest:
         update: dict[str, Any] = {"seed": None if self.settings.seed is None else self.settings.seed + 1000 * attempt}
         if self.settings.greedy:
             update["temperature"] = 0.7
-        return replace(self, settings=self.settings.model_copy(update=update))
+        # A try of its own to cancel: ending an earlier try (an unsafe sentence) must not end this one.
+        cancel = threading.Event() if self.cancel is not None else None
+        return replace(self, settings=self.settings.model_copy(update=update), cancel=cancel)
 
 
 @dataclass(frozen=True)
@@ -476,7 +480,7 @@ class LocalGenerator:
 
         class _Closed(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
-                return closed.is_set()
+                return closed.is_set() or (request.cancel is not None and request.cancel.is_set())
 
         stops = list(request.stop_strings) + [self.tokenizer.eos_token]
         failure: list[BaseException] = []
@@ -542,6 +546,16 @@ class LocalGenerator:
 
         tok = self.tokenizer
         enc, kwargs = self._prepare(requests, settings, stops)
+        cancels = [r.cancel for r in requests]
+        if any(c is not None for c in cancels):
+            from transformers import StoppingCriteria, StoppingCriteriaList
+
+            class _Cancelled(StoppingCriteria):
+                # Per row: a cancelled request ends while the rest of the batch goes on.
+                def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> Any:
+                    return torch.tensor([c is not None and c.is_set() for c in cancels], device=input_ids.device)
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled()])
         start = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(**enc, **kwargs)

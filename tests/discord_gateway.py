@@ -232,6 +232,10 @@ class FakeDiscord:
             attached.append((f.filename, f.fp.read()))
         request = Request(route.method, route.path, route.url, body, attached)
         self.interaction_responses.append(request)
+        if route.path.startswith("/webhooks/"):  # a follow-up message after a deferred response
+            data = self._bot_message(0, body or {})
+            data["webhook_id"] = str(route.webhook_id)
+            return data
         return {"interaction": {"id": str(route.webhook_id), "type": 2}}
 
     # ------------------------------------------------------------------ what the bot did

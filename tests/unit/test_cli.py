@@ -158,3 +158,26 @@ def test_safety_eval_bad_file_is_one_line(capsys, tmp_path):
     data.write_text('{"text": "hi"}\n')
     code, _, err = run(capsys, "safety-eval", str(data))
     assert code == 2 and err.strip() == f'error: {data}:1: needs a "text" string and a "label" of toxic or benign'
+
+
+def test_discord_without_a_token_says_how_to_set_one(capsys, monkeypatch, chat_env):
+    monkeypatch.delenv("DISCORD_TOKEN", raising=False)
+    code, out, err = run(capsys, "discord")
+    assert code == 2 and out == ""
+    assert err.startswith("error: no Discord token: set DISCORD_TOKEN") and len(err.strip().splitlines()) == 1
+
+
+def test_discord_failures_are_one_line_and_never_show_the_token(capsys, monkeypatch, tiny_dir, chat_env):
+    import discord
+
+    secret = "MTIz.secret-token-value.xyz"
+    monkeypatch.setenv("DISCORD_TOKEN", secret)
+
+    async def refuse(self, token):
+        # Logging in is the network edge; Discord answers 401 to a bad token.
+        raise discord.LoginFailure("Improper token has been passed.")
+
+    monkeypatch.setattr(discord.http.HTTPClient, "static_login", refuse)
+    code, out, err = run(capsys, "discord", "--model", str(tiny_dir), "--channel", "123456789012345678", "-v")
+    assert code == 2 and "error: Discord refused the token" in err
+    assert secret not in out + err

@@ -20,6 +20,7 @@ from discord.ext import commands
 
 from adapters.discord_bot import (
     ChannelThrottle,
+    LiveReply,
     ChatBot,
     ChatCog,
     ShardedChatBot,
@@ -256,12 +257,45 @@ async def test_streaming_edits_are_throttled_per_channel(roomy_gen, tiny_prompts
             gaps = [b - a for a, b in zip(times, times[1:])]
             assert min(gaps) >= interval * 0.9, gaps
             assert fake.shown(channel) == ["".join(sentences).strip()]
-        # The pace is per channel: the thread's first message did not wait out the channel's interval.
-        first_thread = min(t for t, c in stamps if c == THREAD_ID)
-        last_channel = max(t for t, c in stamps if c == CHANNEL_ID and t < first_thread)
-        assert first_thread - last_channel < interval
     finally:
         await bot.close()
+
+
+async def test_two_channels_stream_side_by_side_each_at_its_own_pace(world):
+    """Replies in two channels at once (as two model workers would give): each keeps its own pace, not one timer."""
+    bot, fake, engine = world
+    cog = bot.get_cog("Chat")
+    stamps: list[tuple[float, int]] = []
+    real = fake._request
+
+    async def timed(route, **kw):
+        if route.path.startswith("/channels/{channel_id}/messages"):
+            stamps.append((time.monotonic(), int(route.url.split("/channels/")[1].split("/")[0])))
+        return await real(route, **kw)
+
+    bot.http.request = timed
+    fake.message("a question here")
+    fake.message("and one there", channel_id=THREAD_ID)
+    triggers = list(bot._connection._messages)[-2:]
+
+    async def write(trigger):
+        live = LiveReply(trigger, cog.throttle)
+        text = ""
+        for i in range(25):
+            text += f"Piece {i}. "
+            await live.update(text)
+            await asyncio.sleep(0.04)
+        await live.finish(text)
+
+    await asyncio.gather(*(write(t) for t in triggers))
+    interval = cog.throttle.interval
+    for channel in (CHANNEL_ID, THREAD_ID):
+        times = [t for t, c in stamps if c == channel]
+        assert len(times) >= 3
+        assert min(b - a for a, b in zip(times, times[1:])) >= interval * 0.9
+    # The two channels' writes interleave closely: nobody waited for the other channel's interval.
+    both = sorted(stamps)
+    assert min(b[0] - a[0] for a, b in zip(both, both[1:]) if a[1] != b[1]) < interval / 2
 
 
 def test_the_throttle_paces_each_channel_on_its_own():
@@ -368,8 +402,9 @@ async def test_a_message_over_the_limit_is_refused_with_the_reason(world):
 
 
 def response(fake, index=-1):
+    """The message of an interaction response, or of the follow-up after a deferred one."""
     r = fake.interaction_responses[index]
-    return r.json["data"], r.files
+    return (r.json if r.path.startswith("/webhooks/") else r.json["data"]), r.files
 
 
 async def test_forget_me_removes_the_callers_turns_everywhere_and_nothing_else(world):
@@ -562,6 +597,20 @@ async def test_a_refused_token_is_a_clear_error_and_the_engine_is_closed(roomy_g
         await engine.respond(CHANNEL, "ada", "hello?")
 
 
+async def test_no_network_is_a_clear_error(roomy_gen, tiny_prompts, tmp_path, monkeypatch):
+    import aiohttp
+
+    settings = settings_for(tiny_prompts, tmp_path, discord_token="a-token")
+    engine = ChatEngine(roomy_gen, SQLiteMemoryStore(settings.memory_path), settings)
+
+    async def unreachable(self, token):
+        raise aiohttp.ClientConnectionError("Cannot connect to host discord.com:443")
+
+    monkeypatch.setattr(discord.http.HTTPClient, "static_login", unreachable)
+    with pytest.raises(ChatbotError, match="cannot reach Discord"):
+        await run_discord(settings, engine=engine)
+
+
 async def test_no_token_is_a_clear_error(tiny_prompts, tmp_path):
     with pytest.raises(ChatbotError, match="DISCORD_TOKEN"):
         await run_discord(settings_for(tiny_prompts, tmp_path))
@@ -593,6 +642,10 @@ async def test_a_reply_to_someone_else_carries_their_message_as_context(world):
     await fake.settle()
     bobs = fake.bot._connection._messages[-1]
     fake.message(f"<@{BOT_ID}> is that right?", mentions=(BOT_ID,), reply_to=bobs)
+    fake.message(f"<@{BOT_ID}> and on sundays?", mentions=(BOT_ID,), reply_to=bobs)
     await fake.settle()
-    user_turn = [t for t in await stored(engine, CHANNEL) if t[1] == "user"][-1]
-    assert user_turn[2] == '(replying to bob: "the museum opens at ten")\nis that right?'
+    # Bob's message is context under his own name and key (once), then ada's questions.
+    turns = [t for t in await stored(engine, CHANNEL) if t[1] == "user"]
+    assert turns == [("bob", "user", "the museum opens at ten", "discord:user:2"),
+                     ("ada", "user", "is that right?", "discord:user:1"),
+                     ("ada", "user", "and on sundays?", "discord:user:1")]

@@ -342,3 +342,25 @@ def test_batch_rows_with_different_bot_texts_equal_one_by_one(gen):
 def test_request_keeps_its_positional_fields():
     request = GenerationRequest("p", GREEDY, ("\n",))
     assert (request.prompt, request.settings, request.stop_strings, request.bot_texts) == ("p", GREEDY, ("\n",), ())
+
+
+def test_a_cancelled_request_ends_at_its_next_token_and_the_batch_goes_on(roomy_gen):
+    import threading
+
+    from chatbot.generation import DecodingSettings, GenerationRequest
+
+    settings = DecodingSettings(temperature=0, max_new_tokens=30, no_repeat_ngram_size=0, bot_repetition_penalty=1.0)
+    cancel = threading.Event()
+    cancel.set()
+    gone = GenerationRequest("ada: hi there\nBot:", settings, cancel=cancel)
+    kept = GenerationRequest("ada: hi there\nBot:", settings, cancel=threading.Event())
+    results = roomy_gen.generate([gone, kept])
+    assert results[0].completion_tokens <= 2  # the token in flight, then the end
+    assert results[1].completion_tokens == 30 and results[1].finish_reason == "length"
+    # Streaming too: the stream ends once its request is cancelled.
+    cancel2 = threading.Event()
+    pieces = []
+    for piece in roomy_gen.stream(GenerationRequest("ada: hi there\nBot:", settings, cancel=cancel2)):
+        pieces.append(piece)
+        cancel2.set()
+    assert len(pieces) <= 2
