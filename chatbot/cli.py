@@ -149,6 +149,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sharded", action="store_true", help="run as an AutoShardedBot (very many servers)")
     d.add_argument("--no-sync", action="store_true", help="do not register the slash commands at start-up")
 
+    b = sub.add_parser("bench", parents=[common], help="measure batched serving against one generate call per message",
+                       description="Run the same conversations through (a) one model.generate call per message, one "
+                                   "after another, and (b) the batching generator, with greedy decoding and a fixed "
+                                   "number of new tokens, and print throughput, time to first token, time per token, "
+                                   "latency percentiles, peak memory and the ratios (b)/(a).")
+    b.add_argument("--model", default=None,
+                   help="model directory or cached hub name (default: the GPT-2 124M shape with random weights)")
+    b.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 or mps")
+    b.add_argument("--conversations", type=int, default=16, help="conversations (default %(default)s)")
+    b.add_argument("--turns", type=int, default=4, help="messages per conversation (default %(default)s)")
+    b.add_argument("--min-history", type=int, default=200, help="shortest prompt in tokens (default %(default)s)")
+    b.add_argument("--max-history", type=int, default=900, help="longest prompt in tokens (default %(default)s)")
+    b.add_argument("--min-reply", type=int, default=30, help="shortest reply in tokens (default %(default)s)")
+    b.add_argument("--max-reply", type=int, default=60, help="longest reply in tokens (default %(default)s)")
+    b.add_argument("--mode", choices=["burst", "poisson"], default="burst",
+                   help="burst: every conversation sends its next message when answered; poisson: messages arrive "
+                        "at --rate per second (default %(default)s)")
+    b.add_argument("--rate", type=float, default=2.0, help="messages per second in poisson mode (default %(default)s)")
+    b.add_argument("--max-batch", type=int, default=16, help="rows decoded together (default %(default)s)")
+    b.add_argument("--seed", type=int, default=0, help="workload and weights seed (default %(default)s)")
+    b.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON here")
+
     sc = sub.add_parser("selfchat", parents=[common], help="measure repetition with the controls on and off",
                         description="Replay N-turn conversations through the engine against a scripted partner (or "
                                     "the engine under another persona), with the same seeds for both arms, and print "
@@ -263,6 +285,23 @@ def cmd_discord(args: argparse.Namespace) -> int:
     from adapters.discord_bot import run_discord
 
     asyncio.run(run_discord(settings))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench import BenchOptions, format_report, report_json, run_bench
+
+    options = BenchOptions(model=args.model, conversations=args.conversations, turns=args.turns,
+                           min_history=args.min_history, max_history=args.max_history, min_reply=args.min_reply,
+                           max_reply=args.max_reply, mode=args.mode, rate=args.rate, max_batch=args.max_batch,
+                           seed=args.seed, device=args.device)
+    print("running (a) the naive arm, then (b) the batched arm, each in its own process ...", file=sys.stderr)
+    report = run_bench(options)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(report_json(report), encoding="utf-8")
     return 0
 
 
@@ -480,7 +519,7 @@ def cmd_safety_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "chat": cmd_chat, "discord": cmd_discord, "safety-eval": cmd_safety_eval,
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "chat": cmd_chat, "discord": cmd_discord, "bench": cmd_bench, "safety-eval": cmd_safety_eval,
             "selfchat": cmd_selfchat}
 
 

@@ -55,6 +55,11 @@ class Settings(BaseModel):
     """Longest message accepted, in characters; longer ones are refused with a message saying so."""
     max_waiting_per_conversation: int = Field(8, ge=1, le=1000)
     """Messages that may queue behind a conversation's current reply before new ones are turned away."""
+    max_batch: int = Field(1, ge=1, le=256)
+    """Replies decoded together on the model (continuous batching, with each conversation's prompt prefix
+    reused between turns); 1 answers them one at a time. See `python bot.py bench`."""
+    prefix_cache_mb: int = Field(512, ge=0, le=1_000_000)
+    """Memory for reusable prompt prefixes when `max_batch` > 1; the least recently used go first."""
     expire_after_days: float | None = Field(None, gt=0)
     """Delete turns older than this many days (checked at start and hourly); empty keeps everything."""
     max_input_tokens: int = Field(512, ge=1, le=100_000)

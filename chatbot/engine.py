@@ -31,6 +31,7 @@ from .generation import DecodingSettings, GenerationRequest, Generator, apply_ov
 from .memory import MemoryStore, check_author_key, open_store
 from .prompting import Persona, get_persona, list_personas
 from .repetition import max_similarity
+from .scheduler import GeneratorBusy
 from .safety import (
     FilterContext,
     InputRejected,
@@ -222,9 +223,12 @@ class ChatEngine:
         self._personas: dict[str, Persona] = {}
         self.default_persona = self.persona(self.settings.persona)  # fail now, not at the first message
         self._locks = _ConversationLocks(self.settings.max_waiting_per_conversation)
-        # The model runs on one thread: replies take turns on it (a later issue batches
-        # them), and the event loop stays free.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        # Model calls run on worker threads, so the event loop stays free. A plain generator
+        # gets one (replies take turns on the model); a batching one gets a thread per request
+        # it can hold, each waiting for its row of the batch.
+        self._executor = ThreadPoolExecutor(max_workers=getattr(generator, "max_concurrency", 1),
+                                            thread_name_prefix="generate")
+        self._owns_generator = False
         self._next_expiry = 0.0
         self._closed = False
         st = self.settings
@@ -251,7 +255,14 @@ class ChatEngine:
         get_persona(settings.persona, settings.prompts_dir)
         generator = LocalGenerator.from_pretrained(settings.model, device=settings.device,
                                                    allow_download=settings.allow_download)
-        return cls(generator, open_store(settings.memory_path), settings)
+        if settings.max_batch > 1:
+            from .scheduler import BatchingGenerator
+
+            generator = BatchingGenerator(generator, max_batch=settings.max_batch,
+                                          cache_bytes=settings.prefix_cache_mb * 2**20)
+        engine = cls(generator, open_store(settings.memory_path), settings)
+        engine._owns_generator = True
+        return engine
 
     # ------------------------------------------------------------------ personas and presets
 
@@ -366,6 +377,8 @@ class ChatEngine:
         self._closed = True
         await self._locks.idle()
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
+        if self._owns_generator and hasattr(self.generator, "close"):
+            await asyncio.to_thread(self.generator.close)
         await self.store.close()
 
     # ------------------------------------------------------------------ replying
@@ -516,6 +529,8 @@ class ChatEngine:
             attempt += 1
             try:
                 result = (await self._in_worker(self.generator.generate, [request]))[0]
+            except GeneratorBusy as err:
+                raise EngineBusy(str(err)) from None
             except asyncio.CancelledError:
                 # Whoever waited has gone (a time limit, a shutdown): free the model for the next reply.
                 if request.cancel is not None:

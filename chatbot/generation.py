@@ -180,6 +180,8 @@ class GenerationResult:
     completion_tokens: int
     finish_reason: FinishReason
     seconds: float
+    token_ids: tuple[int, ...] = ()
+    """The generated token ids, where the generator keeps them (the batching one does)."""
 
 
 class Generator(Protocol):
@@ -337,8 +339,12 @@ class LocalGenerator:
         return self.model.device
 
     def count_tokens(self, text: str) -> int:
+        return len(self.encode(text))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (thread-safe: on the counting copy of the tokenizer)."""
         with self._counter_lock:
-            return len(self._counter(text, add_special_tokens=False)["input_ids"])
+            return list(self._counter(text, add_special_tokens=False)["input_ids"])
 
     def _blank_start_ids(self) -> list[int]:
         """Tokens that would make the reply empty if generated first.

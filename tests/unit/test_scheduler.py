@@ -1,0 +1,195 @@
+"""The batching generator on a tiny GPT-2: batched equals one by one, prefix reuse changes nothing,
+padding, cancellation, deadlines, a full queue, failures, streaming, and the engine on top."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from chatbot.generation import DecodingSettings, GenerationRequest
+from chatbot.scheduler import BatchingGenerator, GeneratorBusy, PrefixCache
+
+GREEDY = DecodingSettings(temperature=0, max_new_tokens=12, max_time=60)
+STOPS = ("\nada:", "\nBot:")
+PROMPTS = [
+    "Bot is kind.\nada: hi there, how are you?\nBot:",
+    "ada: what do you like to eat?\nBot:",
+    "ada: tell me about your weekend, i went hiking with my dog and it rained a lot all day long\nBot:",
+    "ada:",
+]
+
+
+@pytest.fixture()
+def sched(roomy_gen):
+    s = BatchingGenerator(roomy_gen, max_batch=8)
+    yield s
+    s.close()
+
+
+def requests(settings=GREEDY):
+    return [GenerationRequest(p, settings, STOPS) for p in PROMPTS]
+
+
+def test_batched_replies_equal_one_by_one_replies(roomy_gen, sched):
+    alone = [roomy_gen.generate([r])[0] for r in requests()]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:  # all in flight at once: one batch, padded to the longest
+        batched = list(pool.map(lambda r: sched.generate([r])[0], requests()))
+    assert [r.text for r in batched] == [r.text for r in alone]
+    assert [r.completion_tokens for r in batched] == [r.completion_tokens for r in alone]
+    assert sched.rows_stepped > sched.steps, "the requests were never decoded together"
+
+
+def test_reusing_a_prefix_gives_the_same_tokens_as_reading_it_again(roomy_gen, sched):
+    first = sched.generate([GenerationRequest(PROMPTS[0], GREEDY, STOPS)])[0]
+    follow_up = f"{PROMPTS[0]} {first.text}\nada: and what else?\nBot:"
+    reused = sched.generate([GenerationRequest(follow_up, GREEDY, STOPS)])[0]
+    assert sched.cache.hits >= 1 and sched.cache.reused_tokens > 10
+    fresh = BatchingGenerator(roomy_gen, cache_bytes=0)
+    try:
+        again = fresh.generate([GenerationRequest(follow_up, GREEDY, STOPS)])[0]
+    finally:
+        fresh.close()
+    assert fresh.cache.hits == 0
+    assert reused.text == again.text == roomy_gen.generate([GenerationRequest(follow_up, GREEDY, STOPS)])[0].text
+
+
+def test_the_prefix_cache_stays_within_its_bytes():
+    cache = PrefixCache(max_bytes=3 * 2 * 4 * 10)  # room for three 10-float key/value pairs
+
+    def kv(n):
+        return [(torch.zeros(1, 1, n, 1), torch.zeros(1, 1, n, 1))]
+
+    for i in range(5):
+        cache.put([i, 1, 2, 3, 4, 5, 6, 7, 8, 9], kv(10))
+    assert len(cache) == 3 and cache.bytes <= cache.max_bytes
+    n, found = cache.longest([4, 1, 2, 3, 99])
+    assert n == 4 and found[0][0].shape[2] == 4
+    assert cache.longest([0, 1, 2])[0] == 0  # evicted, least recently used first
+
+
+def test_streamed_pieces_join_to_the_generated_reply_and_hide_stop_strings(roomy_gen):
+    # No prefix cache: a prompt read in two passes can differ in the last bits, which flips
+    # near-ties of this random tiny model (the reuse test above checks a realistic case).
+    sched = BatchingGenerator(roomy_gen, cache_bytes=0)
+    for request in requests():
+        whole = sched.generate([request])[0].text
+        pieces = list(sched.stream(request))
+        assert "".join(pieces) == whole
+        assert not any("ada:" in p for p in pieces)
+    sched.close()
+
+
+def test_a_cancelled_request_ends_and_the_others_go_on(sched):
+    long = DecodingSettings(temperature=0, max_new_tokens=40, max_time=60)
+    cancel = threading.Event()
+    gone = sched.submit(GenerationRequest(PROMPTS[1], long, (), cancel=cancel))
+    kept = sched.submit(GenerationRequest(PROMPTS[2], long, ()))
+    cancel.set()
+    assert gone.future.result(timeout=60).completion_tokens < 40
+    assert kept.future.result(timeout=60).completion_tokens == 40 or kept.future.result().finish_reason == "stop"
+
+
+def test_a_request_past_its_deadline_ends_with_time(sched):
+    slow = DecodingSettings(temperature=0, max_new_tokens=200, max_time=0.001)
+    result = sched.generate([GenerationRequest(PROMPTS[1], slow, ())])[0]
+    assert result.finish_reason == "time" and result.completion_tokens < 200
+
+
+def test_a_full_queue_says_busy_at_once(roomy_gen):
+    sched = BatchingGenerator(roomy_gen, max_batch=1, max_queue=1)
+    long = DecodingSettings(temperature=0, max_new_tokens=40, max_time=60)
+    try:
+        handles, busy = [], 0
+        for _ in range(4):
+            try:
+                handles.append(sched.submit(GenerationRequest(PROMPTS[1], long, ())))
+            except GeneratorBusy as err:
+                busy += 1
+                assert "try again" in str(err)
+        assert busy >= 2
+        assert all(h.future.result(timeout=60).completion_tokens > 0 for h in handles)
+    finally:
+        sched.close()
+
+
+def test_a_model_failure_fails_the_requests_in_flight_and_the_next_one_succeeds(roomy_gen, sched, monkeypatch):
+    real = roomy_gen.model.forward
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(roomy_gen.model, "forward", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sched.generate([GenerationRequest(PROMPTS[0], GREEDY, STOPS)])
+    assert sched.generate([GenerationRequest(PROMPTS[0], GREEDY, STOPS)])[0].completion_tokens > 0
+
+
+def test_seeded_sampling_repeats(sched):
+    sampled = DecodingSettings(temperature=0.9, top_p=0.9, top_k=50, max_new_tokens=12, seed=7, max_time=60)
+    a = sched.generate([GenerationRequest(PROMPTS[0], sampled, STOPS)])[0]
+    b = sched.generate([GenerationRequest(PROMPTS[0], sampled, STOPS)])[0]
+    assert a.text == b.text
+
+
+def test_bad_limits_are_refused(roomy_gen):
+    with pytest.raises(Exception, match="max_batch"):
+        BatchingGenerator(roomy_gen, max_batch=0)
+
+
+async def test_the_engine_answers_several_conversations_through_one_batch(roomy_gen, tiny_prompts):
+    import asyncio
+
+    from chatbot.config import Settings
+    from chatbot.engine import ChatEngine
+    from chatbot.memory import InMemoryStore
+
+    sched = BatchingGenerator(roomy_gen, max_batch=8)
+    engine = ChatEngine(sched, InMemoryStore(), Settings(persona="tester", prompts_dir=tiny_prompts,
+                                                         decoding={"max_new_tokens": 8}))
+    try:
+        replies = await asyncio.gather(*(engine.respond(f"cli:c{i}", "ada", f"hello number {i}") for i in range(6)))
+        assert all(r.bot_turn_id is not None for r in replies)
+        assert sched.rows_stepped > sched.steps  # they shared decode steps
+        for i in range(6):
+            assert [t.role for t in await engine.history(f"cli:c{i}")] == ["user", "bot"]
+    finally:
+        await engine.close()
+        sched.close()
+
+
+def test_the_benchmark_gives_both_arms_the_same_work(tmp_path, tiny_tokenizer, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from chatbot.bench import BenchOptions, format_report, run_bench
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tiny_tokenizer.eos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+                        chatbot_prompt_format="transcript")
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    options = BenchOptions(model=str(tmp_path / "m"), conversations=3, turns=2, min_history=30, max_history=60,
+                           min_reply=3, max_reply=6, check=6)
+    report = run_bench(options, separate_processes=False)
+    assert report["messages"] == 6 and report["identical_replies"] == "6 of 6"
+    assert report["naive"]["output_tokens"] == report["batched"]["output_tokens"]
+    assert report["batched"]["prefix_cache"]["hits"] >= 3  # each second turn reused its first
+    text = format_report(report)
+    assert "(b)/(a)" in text and "of the bound" in text
+
+
+def test_bench_options_are_checked():
+    from chatbot.bench import BenchOptions
+    from chatbot.errors import ChatbotError
+
+    with pytest.raises(ChatbotError, match="mode"):
+        BenchOptions(mode="steady")
+    with pytest.raises(ChatbotError, match="conversations"):
+        BenchOptions(conversations=0)
