@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,8 @@ class Request:
     url: str
     json: dict[str, Any] | None
     files: list[tuple[str, bytes]] = field(default_factory=list)
+    at: float = field(default_factory=time.monotonic)
+    """When the bot made the call (`time.monotonic()`), for checks on pace and deadlines."""
 
     @property
     def channel_id(self) -> int | None:
@@ -249,7 +252,9 @@ class FakeDiscord:
                 and (channel_id is None or r.channel_id == channel_id)]
 
     def writes(self, channel_id: int | None = None) -> list[Request]:
-        return [r for r in self.requests if r in self.sends(channel_id) or r in self.edits(channel_id)]
+        """Sends and edits, in the order the bot made them."""
+        return [r for r in self.requests if r.method in ("POST", "PATCH") and r.path.startswith("/channels/{channel_id}/messages")
+                and (channel_id is None or r.channel_id == channel_id)]
 
     def typing(self) -> list[Request]:
         return [r for r in self.requests if r.path.endswith("/typing")]

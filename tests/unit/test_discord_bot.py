@@ -234,15 +234,6 @@ async def test_streaming_edits_are_throttled_per_channel(roomy_gen, tiny_prompts
     interval = 0.3
     settings = settings_for(tiny_prompts, tmp_path, discord_edit_interval=interval)
     bot, fake, engine = await start(roomy_gen, settings, monkeypatch)
-    stamps: list[tuple[float, int]] = []
-    real = fake._request
-
-    async def timed(route, **kw):
-        if route.path.startswith("/channels/{channel_id}/messages"):
-            stamps.append((time.monotonic(), int(route.url.split("/channels/")[1].split("/")[0])))
-        return await real(route, **kw)
-
-    bot.http.request = timed
     try:
         sentences = [f"Sentence number {i} is here. " for i in range(30)]
         scripted_stream(roomy_gen, monkeypatch, "".join(sentences), pieces=sentences, delay=0.03)
@@ -250,7 +241,7 @@ async def test_streaming_edits_are_throttled_per_channel(roomy_gen, tiny_prompts
         fake.message(f"<@{BOT_ID}> talk here too", mentions=(BOT_ID,), channel_id=THREAD_ID)
         await fake.settle()
         for channel in (CHANNEL_ID, THREAD_ID):
-            times = [t for t, c in stamps if c == channel]
+            times = [r.at for r in fake.writes(channel)]
             assert len(times) >= 2, "the reply did not stream"
             # 30 pieces came in; far fewer writes went out, never two closer than the interval.
             assert len(times) < 15
@@ -265,15 +256,6 @@ async def test_two_channels_stream_side_by_side_each_at_its_own_pace(world):
     """Replies in two channels at once (as two model workers would give): each keeps its own pace, not one timer."""
     bot, fake, engine = world
     cog = bot.get_cog("Chat")
-    stamps: list[tuple[float, int]] = []
-    real = fake._request
-
-    async def timed(route, **kw):
-        if route.path.startswith("/channels/{channel_id}/messages"):
-            stamps.append((time.monotonic(), int(route.url.split("/channels/")[1].split("/")[0])))
-        return await real(route, **kw)
-
-    bot.http.request = timed
     fake.message("a question here")
     fake.message("and one there", channel_id=THREAD_ID)
     triggers = list(bot._connection._messages)[-2:]
@@ -290,11 +272,11 @@ async def test_two_channels_stream_side_by_side_each_at_its_own_pace(world):
     await asyncio.gather(*(write(t) for t in triggers))
     interval = cog.throttle.interval
     for channel in (CHANNEL_ID, THREAD_ID):
-        times = [t for t, c in stamps if c == channel]
+        times = [r.at for r in fake.writes(channel)]
         assert len(times) >= 3
         assert min(b - a for a, b in zip(times, times[1:])) >= interval * 0.9
     # The two channels' writes interleave closely: nobody waited for the other channel's interval.
-    both = sorted(stamps)
+    both = sorted((r.at, r.channel_id) for r in fake.writes())
     assert min(b[0] - a[0] for a, b in zip(both, both[1:]) if a[1] != b[1]) < interval / 2
 
 

@@ -41,18 +41,11 @@ async def test_reset_during_a_reply_answers_within_discords_3_second_deadline(ro
         scripted_stream(roomy_gen, monkeypatch, "", pieces=["Slow. "] * 8, delay=0.5)  # a ~4 s reply
         fake.message(f"<@{BOT_ID}> long one", mentions=(BOT_ID,))
         await asyncio.sleep(0.3)
-        answered: list[float] = []
-        real = fake._webhook_request
-
-        async def timed(route, **kw):
-            answered.append(time.monotonic())
-            return await real(route, **kw)
-
-        fake._webhook_request = timed
         asked = time.monotonic()
         fake.interaction("reset")
         await fake.settle()
-        assert answered and answered[0] - asked < 3.0, f"first interaction response after {answered[0] - asked:.1f} s"
+        answered = fake.interaction_responses[0].at
+        assert answered - asked < 3.0, f"first interaction response after {answered - asked:.1f} s"
     finally:
         await bot.close()
 
@@ -126,21 +119,12 @@ async def test_a_long_streamed_reply_keeps_the_per_channel_pace(roomy_gen, tiny_
     interval = 0.3
     settings = settings_for(tiny_prompts, tmp_path, discord_edit_interval=interval, max_input_chars=5000)
     bot, fake, _engine = await start(roomy_gen, settings, monkeypatch)
-    stamps: list[float] = []
-    real = fake._request
-
-    async def timed(route, **kw):
-        if route.path.startswith("/channels/{channel_id}/messages") and route.method in ("POST", "PATCH"):
-            stamps.append(time.monotonic())
-        return await real(route, **kw)
-
-    bot.http.request = timed
     try:
         text = long_reply()
         scripted_stream(roomy_gen, monkeypatch, text, pieces=[w + " " for w in text.split(" ")], delay=0.003)
         fake.message(f"<@{BOT_ID}> tell me everything", mentions=(BOT_ID,))
         await fake.settle()
-        gaps = [b - a for a, b in itertools.pairwise(stamps)]
+        gaps = [b.at - a.at for a, b in itertools.pairwise(fake.writes())]
         assert len(fake.shown(CHANNEL_ID)) >= 3
         assert min(gaps) >= interval * 0.9, [round(g, 3) for g in gaps]
     finally:
@@ -228,15 +212,6 @@ async def test_the_time_limit_is_kept_when_the_model_is_mid_sentence(roomy_gen, 
     """The time limit holds while the model is in the middle of a sentence: the model stops at its next token."""
     settings = settings_for(tiny_prompts, tmp_path, discord_reply_timeout=1)
     bot, fake, _engine = await start(roomy_gen, settings, monkeypatch)
-    sent: list[tuple[float, str]] = []
-    real = fake._request
-
-    async def timed(route, **kw):
-        if route.method == "POST" and route.path == "/channels/{channel_id}/messages":
-            sent.append((time.monotonic(), kw["json"]["content"]))
-        return await real(route, **kw)
-
-    bot.http.request = timed
     try:
         def stream(request):  # 3.3 s of one sentence; like the real model, it stops when the request is cancelled
             for piece in ["and so "] * 10 + ["on."]:
@@ -249,7 +224,8 @@ async def test_the_time_limit_is_kept_when_the_model_is_mid_sentence(roomy_gen, 
         asked = time.monotonic()
         fake.message(f"<@{BOT_ID}> go on", mentions=(BOT_ID,))
         await fake.settle()
-        (at, content), = sent
+        (sent,) = fake.sends()
+        at, content = sent.at, sent.json["content"]
         assert "too long" in content, content
         assert at - asked < 1.5, f"the 1 s limit was told after {at - asked:.1f} s"
     finally:
