@@ -536,7 +536,7 @@ class ChatCog(commands.Cog, name="Chat"):
         await interaction.response.send_message(f"Style is now **{chosen}**.", allowed_mentions=NO_MENTIONS)
 
     @app_commands.command(name="forget-me", description="Erase everything you said to the bot, in every channel")
-    @app_commands.checks.cooldown(1, 10.0, key=lambda i: i.user.id)
+    @app_commands.checks.cooldown(1, 10.0)  # per user
     async def forget_me_command(self, interaction: discord.Interaction) -> None:
         removed = await self.engine.forget_author(author_key_for(interaction.user))
         log.info("forgot %d turns for a user on request", removed)
@@ -544,7 +544,7 @@ class ChatCog(commands.Cog, name="Chat"):
                                                 ephemeral=True, allowed_mentions=NO_MENTIONS)
 
     @app_commands.command(name="export", description="Get everything you said to the bot as a file (only you see it)")
-    @app_commands.checks.cooldown(1, 30.0, key=lambda i: i.user.id)
+    @app_commands.checks.cooldown(1, 30.0)  # per user
     async def export_command(self, interaction: discord.Interaction) -> None:
         data = await self.engine.export_author(author_key_for(interaction.user))
         count = sum(len(turns) for turns in data["conversations"].values())

@@ -303,9 +303,6 @@ def _in_process(target: str, options: BenchOptions, workload: Workload | None) -
 
 
 def _call(target: str, options: dict[str, Any], workload: Workload | None) -> dict[str, Any]:
-    import torch
-
-    torch.set_num_threads(torch.get_num_threads())
     opts = BenchOptions(**options)
     fn = {"naive": _naive_arm, "batched": _batched_arm, "bandwidth": _bandwidth}[target]
     return fn(opts) if workload is None else fn(opts, workload)

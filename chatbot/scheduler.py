@@ -350,8 +350,7 @@ class BatchingGenerator:
                     if live:
                         batch, cache, mask = self._join(batch, cache, mask, live)
                     if batch:
-                        self._step(batch, cache, mask)
-                        mask = torch.cat([mask, mask.new_ones((len(batch), 1))], dim=1)
+                        mask = self._step(batch, cache, mask)
                         finished = [i for i, s in enumerate(batch) if s.done is not None]
                         if finished:
                             batch, cache, mask = self._leave(batch, cache, mask, finished)
@@ -445,8 +444,8 @@ class BatchingGenerator:
         z = torch.zeros((1, heads, 0, dim), dtype=self.model.dtype, device=self.model.device)
         return [(z, z) for _ in range(n_layers)]
 
-    def _step(self, batch: list[_Sequence], cache: Any, mask: Any) -> None:
-        """One token for every row."""
+    def _step(self, batch: list[_Sequence], cache: Any, mask: Any) -> Any:
+        """One token for every row; returns the mask grown by the column just read."""
         import torch
 
         dev = self.model.device
@@ -480,6 +479,7 @@ class BatchingGenerator:
             if len(seq.generated) == 1:
                 seq.first_token_at = time.perf_counter()
             self._advance(seq, token)
+        return full_mask
 
     def _advance(self, seq: _Sequence, token: int) -> None:
         """Text so far, stop strings, limits; streamed pieces released."""
@@ -563,7 +563,8 @@ class BatchingGenerator:
             kv = [(layer.keys[i: i + 1, :, -real:].clone(), layer.values[i: i + 1, :, -real:].clone())
                   for layer in cache.layers]
             self.cache.put(seq.ids[: real], kv)
-        keep = [i for i in range(len(batch)) if i not in set(finished)]
+        gone = set(finished)
+        keep = [i for i in range(len(batch)) if i not in gone]
         if not keep:
             return [], None, None
         index = torch.tensor(keep, device=mask.device)
