@@ -488,6 +488,8 @@ class ChatEngine:
         try:
             async for item in iterate_in_thread(gated, self._executor, on_stop=stop_model):
                 yield item
+        except GeneratorBusy as err:
+            raise EngineBusy(str(err)) from None
         except ChatbotError:
             raise
         except Exception as err:

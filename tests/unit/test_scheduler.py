@@ -193,3 +193,29 @@ def test_bench_options_are_checked():
         BenchOptions(mode="steady")
     with pytest.raises(ChatbotError, match="conversations"):
         BenchOptions(conversations=0)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+async def test_a_full_generator_queue_reaches_the_caller_as_engine_busy(roomy_gen, tiny_prompts, monkeypatch,
+                                                                        streaming):
+    from chatbot.config import Settings
+    from chatbot.engine import ChatEngine, EngineBusy
+    from chatbot.memory import InMemoryStore
+
+    sched = BatchingGenerator(roomy_gen, max_batch=1, max_queue=1)
+
+    def full(*args, **kwargs):
+        raise GeneratorBusy("the model has 1 replies waiting; try again in a moment")
+
+    monkeypatch.setattr(sched, "stream" if streaming else "generate", full)
+    engine = ChatEngine(sched, InMemoryStore(), Settings(persona="tester", prompts_dir=tiny_prompts))
+    try:
+        with pytest.raises(EngineBusy, match="try again"):
+            if streaming:
+                async with engine.stream("cli:x", "ada", "hi") as stream:
+                    await stream.text()
+            else:
+                await engine.respond("cli:x", "ada", "hi")
+    finally:
+        await engine.close()
+        sched.close()
