@@ -187,6 +187,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="who talks to the bot: fixed chit-chat lines, or the engine itself (default %(default)s)")
     sc.add_argument("--partner-persona", default="playful", help="persona of the bot partner (default %(default)s)")
 
+    lab = sub.add_parser("lab", parents=[common], help="compare personas and decoding presets side by side",
+                         description="Replay a scenario's scripted conversations through every cell of its grid "
+                                     "(personas x presets x models) with the same seeds, and write per cell the "
+                                     "transcripts, distinct-1/2, repeated-turn rate, self-BLEU, perplexity, safety "
+                                     "counts, latency and, where the scenario has reference replies, BLEU and chrF: "
+                                     "a table here, and report.html, results.json and results.csv in --out.")
+    lab.add_argument("scenario", help="scenario file (.toml, .yaml or .yml), e.g. prompts/lab/personas.toml")
+    lab.add_argument("--out", default=None, metavar="DIR",
+                     help="folder for the results (default lab-results/<scenario name>); an earlier run's "
+                          "results.json there is kept as previous.json")
+    lab.add_argument("--baseline", default=None, metavar="JSON",
+                     help="an earlier run's results.json (or its folder): show what changed, cell by cell")
+    lab.add_argument("--seed", type=int, default=None, help="replace the scenario's seed")
+    lab.add_argument("--samples", type=int, default=None, help="replace the scenario's samples per cell")
+    lab.add_argument("--config", default=None,
+                     help="settings file (TOML) for safety, repetition and decoding; default: chatbot.toml here if any")
+    _model_option(lab)
+
     se = sub.add_parser("safety-eval", parents=[common], help="precision, recall and false positives of the output filter",
                         description="Run the output toxicity filter over labelled sentences (JSONL lines with "
                                     "\"text\", \"label\": toxic|benign, \"kind\") and print how much it blocks.")
@@ -492,6 +510,51 @@ def cmd_selfchat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lab(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .config import Settings
+    from .lab import load_generators, prepare, run_lab
+    from .lab_html import render_html
+    from .lab_report import check_out_dir, compare, load_baseline, results_document, terminal_table, write_outputs
+
+    settings = Settings.load(args.config, device=args.device, allow_download=args.allow_download or None)
+    # Everything the scenario names is checked, and the baseline read, before any model runs.
+    plan = prepare(args.scenario, settings, models=[args.model] if args.model else (), seed=args.seed,
+                   samples=args.samples)
+    baseline = load_baseline(args.baseline) if args.baseline else None
+    out_dir = Path(args.out) if args.out else Path("lab-results") / plan.scenario.name
+    check_out_dir(out_dir)
+    generators = load_generators(plan, device=settings.device, allow_download=settings.allow_download)
+    total = len(plan.cells) * plan.replies_per_cell
+    print(f"lab {plan.scenario.name}: {len(plan.cells)} cells x {plan.replies_per_cell} replies = {total} replies",
+          file=sys.stderr)
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="lab", unit="reply", leave=False)
+
+    def progress(cell: str) -> None:
+        if bar is not None:
+            bar.set_postfix_str(cell, refresh=False)
+            bar.update()
+
+    try:
+        run = run_lab(plan, generators, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    doc = results_document(run)
+    comparison = compare(doc, baseline) if baseline is not None else None
+    paths = write_outputs(doc, out_dir, render_html(doc, comparison))
+    sc = plan.scenario
+    print(f"{sc.name}: {len(plan.cells)} cells, {sc.samples} samples, seed {sc.seed}, {run.seconds:.1f} s")
+    print(terminal_table(doc, comparison))
+    print(f"\nwrote {paths['html']}, {paths['json'].name}, {paths['csv'].name}")
+    return 0
+
+
 def cmd_safety_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -520,7 +583,7 @@ def cmd_safety_eval(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "chat": cmd_chat, "discord": cmd_discord, "bench": cmd_bench, "safety-eval": cmd_safety_eval,
-            "selfchat": cmd_selfchat}
+            "selfchat": cmd_selfchat, "lab": cmd_lab}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
