@@ -24,7 +24,7 @@ import resource
 import statistics
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .errors import ChatbotError
@@ -71,17 +71,27 @@ class BenchOptions:
 class Message:
     conversation: int
     turn: int
-    prompt: str
-    prompt_ids: tuple[int, ...]
+    added_ids: tuple[int, ...]
+    """What the user adds: the whole history and first message on turn 0; afterwards the next
+    message, read after the previous prompt and the reply the arm itself generated."""
+    prompt_len: int
+    """Tokens in the prompt (the same in both arms: every reply has exactly ``new_tokens``)."""
     new_tokens: int
     arrival: float
-    """Seconds after the start (poisson mode); in burst mode, the turn's order within its conversation."""
+    """Seconds after the start (poisson mode); 0 in burst mode, where a message is sent when its
+    conversation's previous reply is done."""
 
 
 @dataclass(frozen=True)
 class Workload:
     messages: tuple[Message, ...]
     mode: str
+
+    def conversations(self) -> dict[int, list[Message]]:
+        out: dict[int, list[Message]] = {}
+        for m in sorted(self.messages, key=lambda m: (m.conversation, m.turn)):
+            out.setdefault(m.conversation, []).append(m)
+        return out
 
 
 def _load(options: BenchOptions) -> Any:
@@ -103,37 +113,44 @@ def _load(options: BenchOptions) -> Any:
 
 
 def make_workload(tokenizer: Any, options: BenchOptions, context: int) -> Workload:
-    """Conversations whose prompts grow from about ``min_history`` to ``max_history`` tokens."""
+    """N conversations, each a persona and a history of ``min_history`` to ``max_history`` tokens
+    that grows by every reply and the next message, as a chat's prompt does."""
     rng = random.Random(options.seed)
     persona = ("Sam is a friendly person who likes to chat about everyday things, asks questions back, "
                "and keeps answers short and warm.\nUser: hi!\nSam: hello! how are you today?\n")
+
+    def encode(text: str) -> tuple[int, ...]:
+        return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
     messages = []
-    clock = 0.0
-    budget = context - options.max_reply - 1
-    top = min(options.max_history, budget - 40)  # room for the last user line
-    bottom = min(options.min_history, top)
     for c in range(options.conversations):
         topic = TOPICS[c % len(TOPICS)]
+        asks = [encode(f"\nUser: so what do you think about {topic} now? tell me more, part {t}.\nSam:")
+                for t in range(options.turns)]
+        replies = [rng.randint(options.min_reply, options.max_reply) for _ in range(options.turns)]
+        growth = sum(len(a) for a in asks[1:]) + sum(replies)
+        # The history starts where its last prompt (and reply) still fits under max_history and the context.
+        top = max(options.min_history, min(options.max_history, context - 1) - growth - len(asks[0]))
+        target = rng.randint(options.min_history, top)
         lines = [persona]
-        start = rng.randint(bottom, max(bottom, top - (top - bottom) // 2))
-        targets = [int(start + (top - start) * t / max(1, options.turns - 1)) for t in range(options.turns)]
-        for t, target in enumerate(targets):
-            # Scripted history, not the arms' own replies: both arms must read identical prompts.
-            while len(tokenizer("".join(lines), add_special_tokens=False)["input_ids"]) < target:
-                n = len(lines)
-                lines.append(f"User: tell me more about {topic}, part {n}? i really like {topic}.\n"
-                             f"Sam: {topic} is lovely, number {n} is my favourite bit of it.\n")
-            prompt = "".join(lines) + f"User: so what do you think about {topic} now?\nSam:"
-            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            if len(ids) > budget:
-                raise ChatbotError(f"the model's context ({context} tokens) is too short for this workload")
-            messages.append(Message(c, t, prompt, tuple(ids), rng.randint(options.min_reply, options.max_reply), 0.0))
+        while len(encode("".join(lines))) < target:
+            n = len(lines)
+            lines.append(f"User: tell me about {topic}, part {n}? i really like {topic}.\n"
+                         f"Sam: {topic} is lovely, number {n} is my favourite bit of it.\n")
+        history = encode("".join(lines).rstrip("\n"))
+        length = 0
+        for t in range(options.turns):
+            added = history + asks[0] if t == 0 else asks[t]
+            length = (length + replies[t - 1] if t else 0) + len(added)
+            if length + replies[t] > context:
+                raise ChatbotError(f"the model's context ({context} tokens) is too short for this workload; "
+                                   "lower the history or reply lengths")
+            messages.append(Message(c, t, added, length, replies[t], 0.0))
     if options.mode == "poisson":
-        timed = []
-        order = sorted(messages, key=lambda m: (m.turn, m.conversation))
-        for m in order:
+        clock, timed = 0.0, []
+        for m in sorted(messages, key=lambda m: (m.turn, m.conversation)):
             clock += rng.expovariate(options.rate)
-            timed.append(Message(m.conversation, m.turn, m.prompt, m.prompt_ids, m.new_tokens, clock))
+            timed.append(replace(m, arrival=clock))
         messages = timed
     return Workload(tuple(messages), options.mode)
 
@@ -186,15 +203,20 @@ def _naive_arm(options: BenchOptions, workload: Workload) -> dict[str, Any]:
         def end(self) -> None:
             pass
 
+    # Arrival order; in burst mode every conversation's turn t before any turn t+1, and a message
+    # counts as sent when its conversation's previous reply was done.
     order = sorted(workload.messages, key=lambda m: (m.arrival, m.turn, m.conversation))
     records, outputs = [], {}
+    history: dict[int, list[int]] = {}
+    done_at: dict[int, float] = {}
     start = time.perf_counter()
     for m in order:
-        arrival = start + m.arrival if workload.mode == "poisson" else start
+        arrival = start + m.arrival if workload.mode == "poisson" else done_at.get(m.conversation, start)
         wait = arrival - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
-        ids = torch.tensor([m.prompt_ids], device=dev)
+        prompt = history.get(m.conversation, []) + list(m.added_ids)
+        ids = torch.tensor([prompt], device=dev)
         streamer = FirstToken()
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=m.new_tokens,
@@ -202,6 +224,8 @@ def _naive_arm(options: BenchOptions, workload: Workload) -> dict[str, Any]:
                                  eos_token_id=None, streamer=streamer)
         end = time.perf_counter()
         new = out[0, ids.shape[1]:].tolist()
+        history[m.conversation] = prompt + new
+        done_at[m.conversation] = end
         outputs[(m.conversation, m.turn)] = new
         records.append({"arrival": arrival, "first": streamer.first or end, "end": end, "tokens": len(new)})
     summary = _summary(records, time.perf_counter() - start)
@@ -220,47 +244,40 @@ def _batched_arm(options: BenchOptions, workload: Workload) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     outputs: dict[str, list[int]] = {}
     lock = threading.Lock()
-    by_conversation: dict[int, list[Message]] = {}
-    for m in workload.messages:
-        by_conversation.setdefault(m.conversation, []).append(m)
 
-    def one(m: Message, arrival: float) -> None:
-        settings = DecodingSettings(temperature=0, max_new_tokens=m.new_tokens, no_repeat_ngram_size=0,
-                                    bot_repetition_penalty=1.0, bot_no_repeat_ngram_size=0, max_time=600)
-        # The same text the naive arm's ids were encoded from, so both read identical tokens.
-        request = GenerationRequest(m.prompt, settings, trim_to_sentence=False)
-        handle = sched.submit(request)
-        seq_ids = list(handle.future.result().token_ids)
-        end = time.perf_counter()
-        first = handle.first_token_at
-        with lock:
-            outputs[f"{m.conversation}:{m.turn}"] = seq_ids
-            records.append({"arrival": arrival, "first": first or end, "end": end, "tokens": len(seq_ids)})
+    def conversation(ms: list[Message]) -> None:
+        """One conversation's messages in turn, each sent at its arrival time and not before the previous reply."""
+        history: list[int] = []
+        for m in ms:
+            if workload.mode == "poisson":
+                arrival = start + m.arrival
+                wait = arrival - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+            else:
+                arrival = time.perf_counter()
+            settings = DecodingSettings(temperature=0, max_new_tokens=m.new_tokens, no_repeat_ngram_size=0,
+                                        bot_repetition_penalty=1.0, bot_no_repeat_ngram_size=0, max_time=600)
+            prompt = history + list(m.added_ids)
+            handle = sched.submit(GenerationRequest("", settings, trim_to_sentence=False), prompt_ids=prompt)
+            reply = list(handle.future.result().token_ids)
+            end = time.perf_counter()
+            history = prompt + reply
+            with lock:
+                outputs[f"{m.conversation}:{m.turn}"] = reply
+                records.append({"arrival": arrival, "first": handle.first_token_at or end, "end": end,
+                                "tokens": len(reply)})
 
     start = time.perf_counter()
-    threads = []
-    if workload.mode == "burst":
-        def conversation(ms: list[Message]) -> None:
-            for m in sorted(ms, key=lambda x: x.turn):
-                one(m, time.perf_counter())
-
-        threads = [threading.Thread(target=conversation, args=(ms,)) for ms in by_conversation.values()]
-        for t in threads:
-            t.start()
-    else:
-        for m in sorted(workload.messages, key=lambda x: x.arrival):
-            wait = start + m.arrival - time.perf_counter()
-            if wait > 0:
-                time.sleep(wait)
-            t = threading.Thread(target=one, args=(m, start + m.arrival))
-            t.start()
-            threads.append(t)
+    threads = [threading.Thread(target=conversation, args=(ms,)) for ms in workload.conversations().values()]
+    for t in threads:
+        t.start()
     for t in threads:
         t.join()
     summary = _summary(records, time.perf_counter() - start)
     summary["outputs"] = outputs
     summary["prefix_cache"] = {"hits": sched.cache.hits, "reused_tokens": sched.cache.reused_tokens,
-                               "mean_batch": sched.rows_stepped / max(1, sched.steps)}
+                               "mean_batch": sched.rows_stepped / max(1, sched.steps), "moves": sched.moves}
     sched.close()
     return summary
 
@@ -327,7 +344,7 @@ def run_bench(options: BenchOptions, *, separate_processes: bool = True) -> dict
     bound = run("bandwidth", None)
     keys = sorted(naive["outputs"])[: options.check]
     same = sum(naive["outputs"][k] == batched["outputs"][k] for k in keys)
-    prompt_tokens = [len(m.prompt_ids) for m in workload.messages]
+    prompt_tokens = [m.prompt_len for m in workload.messages]
     return {
         "options": asdict(options), "messages": len(workload.messages),
         "prompt_tokens": {"min": min(prompt_tokens), "max": max(prompt_tokens)},
