@@ -260,19 +260,19 @@ def _model_label(source: str, taken: set[str]) -> str:
 def _personas(scenario: Scenario, path: Path, prompts_dir: Path) -> dict[str, Persona]:
     found: dict[str, Persona] = {}
     for name, variant in scenario.personas.items():
-        where = f"{path}: `personas.{name}`"
+        where = f"{path}: `personas.{name}"
         if variant.file is not None:
             file = Path(variant.file)
             file = file if file.is_absolute() else path.parent / file
             persona = load_persona(file)
             if persona.name != name:
-                raise ChatbotError(f"{where}: the file {file} holds persona {persona.name!r}; "
+                raise ChatbotError(f"{where}`: the file {file} holds persona {persona.name!r}; "
                                    f"name it {persona.name!r} here")
         else:
             try:
                 base = get_persona(variant.based_on or "", prompts_dir)
             except ChatbotError as err:
-                raise ChatbotError(f"{where}.from: {err}") from None
+                raise ChatbotError(f"{where}.from`: {err}") from None
             changed = variant.model_dump(exclude_unset=True, exclude={"file", "based_on"})
             try:
                 persona = Persona(**{**base.model_dump(), **changed, "name": name})
@@ -281,7 +281,7 @@ def _personas(scenario: Scenario, path: Path, prompts_dir: Path) -> dict[str, Pe
                 message = re.sub(r"(^|; )`", rf"\1`personas.{name}.", settings_error_message(err))
                 raise ChatbotError(f"{path}: {message}") from None
         if (prompts_dir / f"{name}.toml").is_file():
-            raise ChatbotError(f"{where}: a persona file {prompts_dir / (name + '.toml')} has this name; "
+            raise ChatbotError(f"{where}`: a persona file {prompts_dir / (name + '.toml')} has this name; "
                                "give the scenario's persona another one")
         found[name] = persona
     for name in scenario.grid.personas:
@@ -500,9 +500,9 @@ def _score(generator: Any, scored: Sequence[tuple[str, str]]) -> tuple[float, in
     lead = " " if generator.format.name == "transcript" else ""
     total, tokens = 0.0, 0
     for prompt, reply in scored:
-        reply_ids = generator.encode(lead + reply)
-        total += reply_nll(generator.model, generator.encode(prompt), reply_ids, generator.context_size)
-        tokens += min(len(reply_ids), generator.context_size)
+        nll, n = reply_nll(generator.model, generator.encode(prompt), generator.encode(lead + reply),
+                           generator.context_size)
+        total, tokens = total + nll, tokens + n
     return total, tokens
 
 

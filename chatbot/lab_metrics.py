@@ -177,20 +177,22 @@ def latency_summary(seconds: Sequence[float]) -> tuple[float | None, float | Non
     return statistics.median(seconds), statistics.fmean(seconds)
 
 
-def reply_nll(model: Any, prompt_ids: Sequence[int], reply_ids: Sequence[int], context: int) -> float:
-    """Summed negative log-likelihood (nats) of ``reply_ids`` following ``prompt_ids`` under ``model``.
+def reply_nll(model: Any, prompt_ids: Sequence[int], reply_ids: Sequence[int], context: int) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) of ``reply_ids`` following ``prompt_ids`` under
+    ``model``, and how many reply tokens it covers.
 
-    When the two together exceed ``context`` tokens, the prompt keeps its newest part, as
-    generation does.
+    Prompt and reply together are kept within ``context`` tokens: the prompt keeps its newest
+    part, as generation does, and at least one token of it stays to predict the reply's first;
+    a reply longer than that (its re-encoded text can outgrow what was generated) is scored
+    on its beginning.
     """
     import torch
     import torch.nn.functional as F
 
+    reply_ids = list(reply_ids)[:context - 1]
     if not reply_ids:
-        return 0.0
-    reply_ids = list(reply_ids)[:context]
-    keep = max(context - len(reply_ids), 1)
-    prompt_ids = list(prompt_ids)[-keep:] or [reply_ids[0]]
+        return 0.0, 0
+    prompt_ids = list(prompt_ids)[-(context - len(reply_ids)):] or [reply_ids[0]]
     ids = torch.tensor([prompt_ids + reply_ids], device=model.device)
     with torch.inference_mode():
         logits = model(input_ids=ids).logits[0].float()
@@ -198,7 +200,8 @@ def reply_nll(model: Any, prompt_ids: Sequence[int], reply_ids: Sequence[int], c
     # the last prompt position up to the second-to-last reply position.
     start = len(prompt_ids) - 1
     predicted = logits[start:start + len(reply_ids)]
-    return F.cross_entropy(predicted, ids[0, start + 1:start + 1 + len(reply_ids)], reduction="sum").item()
+    target = ids[0, start + 1:start + 1 + len(reply_ids)]
+    return F.cross_entropy(predicted, target, reduction="sum").item(), len(reply_ids)
 
 
 def perplexity(nll_sum: float, tokens: int) -> float | None:

@@ -115,15 +115,14 @@ def write_outputs(doc: Mapping[str, Any], out_dir: Path, html: str) -> dict[str,
 
 
 def check_out_dir(out_dir: Path) -> None:
-    """Fail before anything runs when the results could not be written."""
+    """Fail before anything runs when the results could not be written there (nothing is created yet)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ChatbotError(f"`--out` {out_dir} is a file; name a folder")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ChatbotError(f"`--out` {out_dir}: cannot create the folder ({err.strerror or err})") from None
-    if not os.access(out_dir, os.W_OK):
-        raise ChatbotError(f"`--out` {out_dir}: the folder is not writable")
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ChatbotError(f"`--out` {out_dir}: cannot write into {existing}")
 
 
 # --------------------------------------------------------------------------- baseline
