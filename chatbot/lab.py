@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ChatbotError, read_toml, settings_error_message
 from .generation import PRESETS, DecodingOverrides, DecodingSettings, apply_overrides, get_preset, make_overrides
 from .lab_metrics import LabTurn, cell_metrics, reply_nll
-from .prompting import Persona, PersonaExample, get_persona, load_persona
+from .prompting import Persona, PersonaExample, clean_speaker, get_persona, load_persona
 
 __all__ = ["Scenario", "LabCell", "LabRun", "load_scenario", "prepare", "run_lab", "turn_seed", "DEFAULT_PRESET"]
 
@@ -167,6 +167,13 @@ class Scenario(BaseModel):
     personas: dict[str, PersonaVariant] = Field(default_factory=dict)
     """Personas of this scenario, by name, usable in ``grid.personas``."""
     conversations: tuple[ScenarioConversation, ...] = Field(min_length=1, max_length=50)
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, value: str) -> str:
+        if clean_speaker(value) != value:
+            raise ValueError("must be a single line without ':' or surrounding spaces")
+        return value
 
     @field_validator("presets", "personas")
     @classmethod
@@ -526,5 +533,7 @@ def run_lab(plan: LabPlan, generators: dict[str, Any], *, progress: Callable[[st
 
 def _warm_up(generator: Any) -> None:
     from .generation import GenerationRequest
+    from .safety import ToxicityFilter
 
     generator.generate([GenerationRequest("User: hi\nBot:", DecodingSettings(max_new_tokens=4, seed=0), ("\n",))])
+    ToxicityFilter().check("warm up")  # its classifier loads on first use (about a second)

@@ -37,7 +37,8 @@ table.metrics th, table.counts th { background: #f3f5f8; text-align: right; font
 table.metrics th:first-child, table.metrics td:first-child { text-align: left; white-space: nowrap; }
 table.metrics td { text-align: right; font-variant-numeric: tabular-nums; }
 .delta { display: block; font-size: 11px; color: #666; }
-.delta.up { color: #0a6a3c; } .delta.down { color: #a23b00; }
+.delta.up, .delta.down { color: #1b1b1b; }
+.delta.up::before { content: "\\25b2 "; font-size: 9px; } .delta.down::before { content: "\\25bc "; font-size: 9px; }
 .legend { display: flex; flex-wrap: wrap; gap: 4px 16px; margin: 6px 0; }
 .legend span::before { content: ""; display: inline-block; width: 12px; height: 12px; margin-right: 5px;
   vertical-align: -1px; background: var(--c); }
@@ -322,7 +323,8 @@ def render_html(doc: Mapping[str, Any], comparison: Comparison | None = None) ->
     models = ", ".join(f"{label} ({path})" for label, path in doc["models"].items())
     notes = ""
     if comparison is not None:
-        items = [f"Compared with the baseline {comparison.path}: the small figure under each number is the change."]
+        items = [f"Compared with the baseline {comparison.path}: the small figure under each number is the change "
+                 "(whether up or down is better depends on what you are after)."]
         items += comparison.notes
         if comparison.gone_cells:
             items.append(f"Not in this run: {', '.join(comparison.gone_cells)}")

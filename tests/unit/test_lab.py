@@ -316,6 +316,28 @@ def test_what_only_the_model_can_tell_is_checked_before_the_first_cell(lab_run, 
     assert not (lab_env / "o").exists()
 
 
+def test_a_scenario_persona_can_come_from_a_file_but_not_shadow_a_shipped_one(lab_env, lab_prompts, capsys):
+    drafts = lab_env / "drafts"
+    drafts.mkdir()
+    (drafts / "tester-v2.toml").write_text('name = "tester-v2"\nspeaker = "Ava"\npreset = "precise"\n',
+                                           encoding="utf-8")
+    scenario = lab_env / "files.toml"
+    scenario.write_text('[grid]\npersonas = ["tester", "tester-v2"]\n[personas]\ntester-v2 = "drafts/tester-v2.toml"\n'
+                        '[[conversations]]\nturns = ["hi"]\n', encoding="utf-8")
+    plan = prepare(scenario, Settings.load(None))
+    assert plan.personas["tester-v2"].speaker == "Ava"
+    assert [c.base_preset for c in plan.cells] == ["greedy", "precise"]  # "default": each persona's own preset
+
+    scenario.write_text('[grid]\npersonas = ["other"]\n[personas.other]\nfrom = "tester"\n'
+                        '[[conversations]]\nturns = ["hi"]\n', encoding="utf-8")
+    code, _, err = run(capsys, "lab", scenario)
+    assert code == 2 and f"`personas.other`: a persona file {lab_prompts / 'other.toml'} has this name" in err
+    scenario.write_text('user = "Me: x"\n[grid]\npersonas = ["other"]\n[[conversations]]\nturns = ["hi"]\n',
+                        encoding="utf-8")
+    code, _, err = run(capsys, "lab", scenario)
+    assert code == 2 and "`user` must be a single line without ':'" in err
+
+
 def test_the_shipped_scenarios_are_valid():
     settings = Settings.load(None, prompts_dir=str(REPO / "prompts"))
     personas = prepare(REPO / "prompts" / "lab" / "personas.toml", settings)
