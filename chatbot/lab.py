@@ -25,10 +25,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ChatbotError, read_toml, settings_error_message
-from .generation import PRESETS, DecodingOverrides, DecodingSettings, apply_overrides, get_preset, make_overrides
+from .generation import (
+    PRESETS,
+    DecodingOverrides,
+    DecodingSettings,
+    apply_overrides,
+    get_preset,
+    make_overrides,
+    resolve_model,
+)
 from .lab_metrics import LabTurn, cell_metrics, reply_nll
 from .prompting import Persona, PersonaExample, clean_speaker, get_persona, load_persona
 
@@ -329,8 +344,6 @@ def prepare(path: str | Path, settings: Any, *, models: Sequence[str] = (), seed
     sources = list(models) or list(scenario.grid.models) or [settings.model or ""]
     labels: dict[str, str] = {}
     for source in sources:
-        from .generation import resolve_model
-
         labels[_model_label(resolve_model(source), set(labels))] = source
     cells = []
     for model in labels:
@@ -497,6 +510,7 @@ async def _run_cell(plan: LabPlan, cell: LabCell, generator: Any, prompts_dir: P
     nll = await asyncio.to_thread(_score, generator, scored)
     result.metrics = cell_metrics(turns_by_transcript, samples=scenario.samples, nll=nll)
     result.seconds = time.perf_counter() - started
+    log.info("%s: %d replies in %.1f s", cell.key, result.metrics["replies"], result.seconds)
     return result
 
 

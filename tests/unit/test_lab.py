@@ -338,6 +338,29 @@ def test_a_scenario_persona_can_come_from_a_file_but_not_shadow_a_shipped_one(la
     assert code == 2 and "`user` must be a single line without ':'" in err
 
 
+def test_a_grid_can_compare_models(lab_run, lab_env, capsys):
+    second = lab_env / "models" / "second-gpt2"
+    shutil.copytree(lab_run["model"], second)
+    scenario = lab_env / "models" / "two.toml"
+    scenario.write_text(f'samples = 1\n[grid]\npersonas = ["other"]\npresets = ["short"]\n'
+                        f'models = ["{lab_run["model"]}", "second-gpt2"]\n'
+                        '[presets.short]\nbase = "greedy"\nmax_new_tokens = 4\n[[conversations]]\nturns = ["hi"]\n',
+                        encoding="utf-8")
+    # a relative model path is taken from the working directory, as --model takes it
+    code, out, err = run(capsys, "lab", scenario, "--device", "cpu", "--out", lab_env / "o")
+    assert code == 2 and "`grid.models`: cannot load model 'second-gpt2'" in err
+    (lab_env / "second-gpt2").symlink_to(second)
+    code, out, err = run(capsys, "lab", scenario, "--device", "cpu", "--out", lab_env / "o")
+    assert code == 0, err
+    doc = json.loads((lab_env / "o" / "results.json").read_text(encoding="utf-8"))
+    assert [c["key"] for c in doc["cells"]] == ["lab-gpt20 / other / short", "second-gpt2 / other / short"]
+    assert set(doc["models"]) == {"lab-gpt20", "second-gpt2"}
+    # the same weights, seeds and settings: the same replies
+    replies = [[t["reply"] for tr in c["transcripts"] for t in tr["turns"]] for c in doc["cells"]]
+    assert replies[0] == replies[1] and replies[0][0]
+    assert "lab-gpt20 / other / short" in out and "second-gpt2 / other / short" in out
+
+
 def test_the_shipped_scenarios_are_valid():
     settings = Settings.load(None, prompts_dir=str(REPO / "prompts"))
     personas = prepare(REPO / "prompts" / "lab" / "personas.toml", settings)
