@@ -265,7 +265,8 @@ def _batched_arm(options: BenchOptions, workload: Workload) -> dict[str, Any]:
             history = prompt + reply
             with lock:
                 outputs[f"{m.conversation}:{m.turn}"] = reply
-                records.append({"arrival": arrival, "first": handle.first_token_at or end, "end": end,
+                records.append({"conversation": m.conversation, "turn": m.turn, "arrival": arrival,
+                                "first": handle.first_token_at or end, "end": end,
                                 "tokens": len(reply)})
 
     start = time.perf_counter()

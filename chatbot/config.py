@@ -60,6 +60,9 @@ class Settings(BaseModel):
     reused between turns); 1 answers them one at a time. See `python bot.py bench`."""
     prefix_cache_mb: int = Field(512, ge=0, le=1_000_000)
     """Memory for reusable prompt prefixes when `max_batch` > 1; the least recently used go first."""
+    prefill_chunk: int = Field(256, ge=1, le=65536)
+    """Prompt tokens read between two decode steps when `max_batch` > 1: larger starts new replies
+    sooner, smaller keeps the replies already under way flowing while a long prompt is read."""
     expire_after_days: float | None = Field(None, gt=0)
     """Delete turns older than this many days (checked at start and hourly); empty keeps everything."""
     max_input_tokens: int = Field(512, ge=1, le=100_000)

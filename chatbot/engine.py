@@ -259,7 +259,8 @@ class ChatEngine:
             from .scheduler import BatchingGenerator
 
             generator = BatchingGenerator(generator, max_batch=settings.max_batch,
-                                          cache_bytes=settings.prefix_cache_mb * 2**20)
+                                          cache_bytes=settings.prefix_cache_mb * 2**20,
+                                          prefill_chunk=settings.prefill_chunk)
         engine = cls(generator, open_store(settings.memory_path), settings)
         engine._owns_generator = True
         return engine

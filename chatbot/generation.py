@@ -235,7 +235,19 @@ def _dtype_for(device: str) -> "torch.dtype":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device == "mps":
         return torch.float16
+    if device == "cpu" and _cpu_has_bf16_matmul():
+        return torch.bfloat16
     return torch.float32
+
+
+def _cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX or AVX-512 BF16). Elsewhere (AVX2, say)
+    bfloat16 weights are converted on every use and run slower than float32, so they are not used."""
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(check() for check in checks if check is not None)
 
 
 def resolve_model(name_or_path: str | os.PathLike[str] | None) -> str:

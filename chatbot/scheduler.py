@@ -1,27 +1,34 @@
 """`BatchingGenerator`: many conversations' replies decoded together on one model.
 
-Why not `model.generate` on a padded batch: on a CPU, reading a prompt (prefill) costs
-about as much per token at batch 16 as at batch 1, so padding 16 prompts to the longest
-one multiplies the dominant cost, and re-reading a whole history every turn repeats it.
-Decoding is the part that batches well (one step for 16 rows costs about one row's step).
-So this scheduler:
+Why not `model.generate` on a padded batch: on a CPU, reading a prompt (prefill) is
+compute-bound and costs about as much per token at batch 16 as at batch 1, so padding 16
+prompts to the longest one multiplies the dominant cost, and re-reading a whole history
+every turn repeats it. Decoding is the part that batches well: a step for 16 rows costs
+about four rows' steps. So this scheduler:
 
 - reads each new prompt on its own (no padding), starting from the cached keys/values of
-  the longest prefix it has already seen (the same conversation's previous turn: the
-  window drops old turns in chunks precisely so that this prefix stays the same);
-- lets it join the running batch between two decode steps (continuous batching): its
-  cache is left-padded to the batch's length, and GPT-2's absolute positions are given
-  per row, so padding never shifts a position;
+  the longest prefix it has already seen (the same conversation's previous prompt and the
+  reply generated to it: the window drops old turns in chunks precisely so that this
+  prefix stays the same), at most `prefill_chunk` tokens between two decode steps, so a
+  long prompt never holds up the replies already under way for long;
+- lets the read prompt join the running batch between two decode steps (continuous
+  batching). The batch's keys/values live in one block allocated once, one row per
+  request, and every row writes its next token at the same column; rows are left-padded
+  to that column and GPT-2's absolute positions are given per row, so padding never
+  shifts a position. Joining and leaving copy only the row concerned;
 - decodes one token per step for every row, with each request's own decoding settings,
   repetition controls, stop strings, deadline and cancellation; a finished row leaves at
   once and its keys/values go to the prefix cache (bounded in bytes, least recently used
   evicted);
-- streams each request's text as its tokens come.
+- streams each request's text as its tokens come;
+- out of memory, decodes the step's rows in two halves (down to one row, which alone
+  fails) and reads a prompt in smaller pieces, so one big request does not take the
+  others down.
 
 transformers' continuous-batching manager (`generate_batch`) was not used: it has no
 per-request logits processors or stop strings, which the repetition controls and the
 speaker-tag stops need. The decoding pieces themselves are transformers' (logits
-warpers, the repetition processors in `repetition.py`, `DynamicCache`).
+warpers, the repetition processors in `repetition.py`, the cache-layer interface).
 """
 
 from __future__ import annotations

@@ -364,3 +364,19 @@ def test_a_cancelled_request_ends_at_its_next_token_and_the_batch_goes_on(roomy_
         pieces.append(piece)
         cancel2.set()
     assert len(pieces) <= 2
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_the_cpu_gets_bfloat16_only_where_it_multiplies_it_natively(monkeypatch, tiny_dir, native):
+    import torch
+
+    from chatbot.generation import DecodingSettings, GenerationRequest, LocalGenerator, _dtype_for
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    expected = torch.bfloat16 if native else torch.float32
+    assert _dtype_for("cpu") == expected
+    gen = LocalGenerator.from_pretrained(tiny_dir, device="cpu")
+    assert gen.model.dtype == expected
+    reply = gen.generate([GenerationRequest("ada: hi\nBot:", DecodingSettings(temperature=0, max_new_tokens=4))])[0]
+    assert reply.completion_tokens > 0

@@ -219,3 +219,117 @@ async def test_a_full_generator_queue_reaches_the_caller_as_engine_busy(roomy_ge
     finally:
         await engine.close()
         sched.close()
+
+
+LONG = ("Bot is kind and patient.\nada: i went hiking with my dog last weekend and it rained all day, "
+        "so we sat under a tree and ate sandwiches while the thunder rolled\nBot:")
+
+
+def finishing_times(handles):
+    """perf_counter time at which each handle's result was set."""
+    import time
+
+    times = [0.0] * len(handles)
+    for i, h in enumerate(handles):
+        h.future.add_done_callback(lambda _f, i=i: times.__setitem__(i, time.perf_counter()))
+    return times
+
+
+def test_a_long_prompt_is_read_between_decode_steps_and_gives_the_same_tokens(roomy_gen):
+    alone = roomy_gen.generate([GenerationRequest(LONG, GREEDY, STOPS)])[0]
+    sched = BatchingGenerator(roomy_gen, max_batch=4, prefill_chunk=2)
+    try:
+        short = sched.submit(GenerationRequest(PROMPTS[3], GREEDY.model_copy(update={"max_new_tokens": 4})))
+        long = sched.submit(GenerationRequest(LONG, GREEDY, STOPS))
+        done = finishing_times([short, long])
+        assert long.future.result(timeout=60).text == alone.text
+        assert short.future.result(timeout=60).completion_tokens == 4
+    finally:
+        sched.close()
+    # The short reply was decoded (and finished) while the long prompt was still being read, two tokens a step.
+    assert done[0] < long.first_token_at
+
+
+def test_rows_leaving_and_joining_at_every_length_keep_their_tokens(tiny_dir, monkeypatch):
+    import chatbot.scheduler as scheduler
+    from chatbot.generation import LocalGenerator
+
+    # A 64-token context and one spare column: the block runs out of room often and is compacted.
+    monkeypatch.setattr(scheduler, "SPARE_COLUMNS", 1)
+    gen = LocalGenerator.from_pretrained(tiny_dir, device="cpu")
+    prompts = ["ada: hi\nBot:", "Bot is kind.\nada: what do you like to eat on a sunny day?\nBot:", "ada:",
+               "ada: tell me a story\nBot:"] * 5
+    prompts[6] = "Bot is kind and patient and good.\nada: i went hiking with my dog and it rained\nBot:"
+    budgets = [3 + (7 * i) % 11 for i in range(len(prompts))]  # rows finish at different steps
+    reqs = [GenerationRequest(p, GREEDY.model_copy(update={"max_new_tokens": n}), STOPS)
+            for p, n in zip(prompts, budgets)]
+    alone = [gen.generate([r])[0] for r in reqs]
+    sched = BatchingGenerator(gen, max_batch=4, cache_bytes=0)
+    try:
+        with ThreadPoolExecutor(len(reqs)) as pool:
+            batched = list(pool.map(lambda r: sched.generate([r])[0], reqs))
+        assert sched.moves >= 2, "the rows were never moved"
+    finally:
+        sched.close()
+    assert [r.text for r in batched] == [r.text for r in alone]
+
+
+def test_out_of_memory_in_a_decode_step_splits_the_batch_and_every_request_succeeds(roomy_gen, monkeypatch):
+    alone = [roomy_gen.generate([r])[0] for r in requests()]
+    real = roomy_gen.model.forward
+
+    def small_batches_only(*args, **kwargs):
+        if kwargs["input_ids"].shape[0] > 1:
+            raise torch.OutOfMemoryError("out of memory (simulated: more than one row)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(roomy_gen.model, "forward", small_batches_only)
+    sched = BatchingGenerator(roomy_gen, max_batch=8)
+    try:
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            batched = list(pool.map(lambda r: sched.generate([r])[0], requests()))
+        assert sched.splits > 0
+    finally:
+        sched.close()
+    assert [r.text for r in batched] == [r.text for r in alone]
+
+
+def test_out_of_memory_reading_a_prompt_reads_it_in_smaller_pieces(roomy_gen, monkeypatch):
+    alone = roomy_gen.generate([GenerationRequest(LONG, GREEDY, STOPS)])[0]
+    real = roomy_gen.model.forward
+
+    def short_reads_only(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 5:
+            raise torch.OutOfMemoryError("out of memory (simulated: more than 5 tokens)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(roomy_gen.model, "forward", short_reads_only)
+    sched = BatchingGenerator(roomy_gen)
+    try:
+        assert sched.generate([GenerationRequest(LONG, GREEDY, STOPS)])[0].text == alone.text
+        assert sched.oom_retries > 0
+    finally:
+        sched.close()
+
+
+def test_a_row_that_does_not_fit_alone_fails_and_the_others_finish(roomy_gen, monkeypatch):
+    real = roomy_gen.model.forward
+    long_len = len(roomy_gen.encode(LONG))
+
+    def no_long_rows(*args, **kwargs):
+        # A decode step with the long row in it does not fit, alone or not.
+        if kwargs["input_ids"].shape[1] == 1 and int(kwargs["position_ids"].max()) >= long_len - 1:
+            raise torch.OutOfMemoryError("out of memory (simulated: the long row)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(roomy_gen.model, "forward", no_long_rows)
+    sched = BatchingGenerator(roomy_gen, max_batch=4)
+    try:
+        short = sched.submit(GenerationRequest(PROMPTS[1], GREEDY, STOPS))
+        long = sched.submit(GenerationRequest(LONG, GREEDY, STOPS))
+        with pytest.raises(torch.OutOfMemoryError):
+            long.future.result(timeout=60)
+        assert short.future.result(timeout=60).completion_tokens > 0
+        assert sched.generate([GenerationRequest(PROMPTS[0], GREEDY, STOPS)])[0].completion_tokens > 0
+    finally:
+        sched.close()
