@@ -1,19 +1,20 @@
 """`python bot.py bench`: the batching generator against one `model.generate` call per message.
 
-Both arms get the same prompts and decode the same number of new tokens with greedy
-decoding (end-of-text ignored), so they do identical work; a subset of replies is
-compared token for token. The workload is N conversations, each a persona prefix and a
-history that grows turn by turn, in one of two arrival modes:
+Both arms decode the same number of new tokens greedily (end-of-text ignored), and each
+conversation's prompt grows by the reply the arm itself generated and the next message, as
+a chat's does; so both arms read prompts of the same lengths and do the same work, and a
+subset of replies is compared token for token. The workload is N conversations, each a
+persona prefix and a history, in one of two arrival modes:
 
 - ``burst``: every conversation sends its next message as soon as its previous reply is
-  done (all N start at once);
-- ``poisson``: messages arrive at a fixed average rate, whatever is still running.
+  done (all N start at once); a message's latency runs from then;
+- ``poisson``: messages arrive at a fixed average rate, each conversation's in turn; a
+  message's latency runs from its arrival, waiting for the previous reply included.
 
 Each arm runs in its own process, so peak memory is its own. Reported per arm: output
 tokens/s, time to first token, time per output token, end-to-end latency p50/p90/p99,
 peak memory; then (b)/(a) ratios, and batch-1 decode time per token against the
-memory-bandwidth bound (weight bytes / measured copy bandwidth).
-"""
+memory-bandwidth bound (weight bytes / measured copy bandwidth)."""
 
 from __future__ import annotations
 

@@ -159,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 or mps")
     b.add_argument("--conversations", type=int, default=16, help="conversations (default %(default)s)")
     b.add_argument("--turns", type=int, default=4, help="messages per conversation (default %(default)s)")
-    b.add_argument("--min-history", type=int, default=200, help="shortest prompt in tokens (default %(default)s)")
-    b.add_argument("--max-history", type=int, default=900, help="longest prompt in tokens (default %(default)s)")
+    b.add_argument("--min-history", type=int, default=200, help="shortest starting history in tokens (default %(default)s)")
+    b.add_argument("--max-history", type=int, default=900, help="longest prompt, history and replies included, in tokens (default %(default)s)")
     b.add_argument("--min-reply", type=int, default=30, help="shortest reply in tokens (default %(default)s)")
     b.add_argument("--max-reply", type=int, default=60, help="longest reply in tokens (default %(default)s)")
     b.add_argument("--mode", choices=["burst", "poisson"], default="burst",
