@@ -284,6 +284,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
                     preset=args.preset, reset=args.reset)
 
 
+DISCORD_MAX_BATCH = 8
+"""`max_batch` of the Discord bot when the settings do not give one."""
+
+
 def cmd_discord(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -297,6 +301,9 @@ def cmd_discord(args: argparse.Namespace) -> int:
     if settings.discord_token is None:
         raise ChatbotError("no Discord token: set DISCORD_TOKEN in the environment or discord_token in the "
                            "settings file (the README's Discord section shows how to get one)")
+    if "max_batch" not in settings.model_fields_set:
+        # A server's channels ask at once: decode their replies together unless told otherwise.
+        settings = settings.model_copy(update={"max_batch": DISCORD_MAX_BATCH})
     if not args.verbose:
         logging.getLogger("discord").setLevel(logging.INFO)  # connection and shard events are worth seeing
         logging.getLogger("adapters.discord_bot").setLevel(logging.INFO)

@@ -181,3 +181,23 @@ def test_discord_failures_are_one_line_and_never_show_the_token(capsys, monkeypa
     code, out, err = run(capsys, "discord", "--model", str(tiny_dir), "--channel", "123456789012345678", "-v")
     assert code == 2 and "error: Discord refused the token" in err
     assert secret not in out + err
+
+
+@pytest.mark.parametrize(("env", "expected"), [(None, 8), ("1", 1), ("3", 3)])
+def test_the_discord_bot_batches_replies_unless_the_settings_say_otherwise(capsys, monkeypatch, chat_env, env,
+                                                                          expected):
+    import adapters.discord_bot
+
+    seen = []
+
+    async def run_discord(settings):  # the bot itself would connect to Discord
+        seen.append(settings.max_batch)
+
+    monkeypatch.setenv("DISCORD_TOKEN", "MTIz.token.xyz")
+    if env is None:
+        monkeypatch.delenv("CHATBOT_MAX_BATCH", raising=False)
+    else:
+        monkeypatch.setenv("CHATBOT_MAX_BATCH", env)
+    monkeypatch.setattr(adapters.discord_bot, "run_discord", run_discord)
+    code, out, err = run(capsys, "discord")
+    assert code == 0 and seen == [expected]
