@@ -46,6 +46,7 @@ from .generation import (
 )
 from .lab_metrics import LabTurn, cell_metrics, reply_nll
 from .prompting import Persona, PersonaExample, clean_speaker, get_persona, load_persona
+from .safety import sanitize_input
 
 __all__ = ["Scenario", "LabCell", "LabRun", "load_scenario", "prepare", "run_lab", "turn_seed", "DEFAULT_PRESET"]
 
@@ -337,10 +338,12 @@ def prepare(path: str | Path, settings: Any, *, models: Sequence[str] = (), seed
             raise ChatbotError(f"{path}: `grid.presets`: unknown decoding preset {p!r}; available: {known}")
     for conv_no, conv in enumerate(scenario.conversations):
         for turn_no, turn in enumerate(conv.turns):
-            if len(turn.user) > settings.max_input_chars:
-                raise ChatbotError(f"{path}: `conversations.{conv_no}.turns.{turn_no}.user` is "
-                                   f"{len(turn.user):,} characters; the engine takes at most "
-                                   f"{settings.max_input_chars:,} (`max_input_chars`)")
+            # The engine's own check, so a line it would refuse (blank once cleaned, too long)
+            # stops the run here rather than in the first cell.
+            try:
+                sanitize_input(turn.user, max_chars=settings.max_input_chars)
+            except ChatbotError as err:
+                raise ChatbotError(f"{path}: `conversations.{conv_no}.turns.{turn_no}.user`: {err}") from None
     sources = list(models) or list(scenario.grid.models) or [settings.model or ""]
     labels: dict[str, str] = {}
     for source in sources:

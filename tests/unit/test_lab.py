@@ -245,6 +245,8 @@ BAD = [
     ("samples = 2", "samples = 0", "`samples` must be greater than or equal to 1, got 0"),
     ('[[conversations]]\nturns = ["do you have any pets?"]', '[[conversations]]\nturns = []',
      "`conversations.1.turns` "),
+    # a line the engine would refuse stops the run here, not in the first cell
+    ('"do you have any pets?"', '"\\u200b  "', "`conversations.1.turns.0.user`: that message is empty"),
 ]
 
 
