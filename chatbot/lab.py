@@ -492,7 +492,7 @@ async def _run_cell(plan: LabPlan, cell: LabCell, generator: Any, prompts_dir: P
                     reply = await engine.respond(conversation_id, scenario.user, turn.user, persona=cell.persona,
                                                  preset=cell.base_preset, decoding={**cell.overrides, "seed": seed})
                     lab_turn = LabTurn(turn.user, reply.text, reply.reply_tokens, reply.finish_reason, reply.safety,
-                                       reply.attempts, reply.refused, reply.timings.get("total", 0.0),
+                                       reply.attempts, reply.refused, reply.timings.get("total"),
                                        turn.references)
                     if lab_turn.model_written and recorder.last_prompt is not None:
                         scored.append((recorder.last_prompt, reply.text))
@@ -502,7 +502,7 @@ async def _run_cell(plan: LabPlan, cell: LabCell, generator: Any, prompts_dir: P
                     rows.append({"user": turn.user, "reply": reply.text, "seed": seed,
                                  "reply_tokens": reply.reply_tokens, "finish_reason": reply.finish_reason,
                                  "attempts": reply.attempts, "safety": list(reply.safety),
-                                 "latency": round(lab_turn.latency, 4)})
+                                 "latency": None if lab_turn.latency is None else round(lab_turn.latency, 4)})
                     if progress:
                         progress(cell.key)
                 turns_by_transcript.append(lab_turns)

@@ -69,8 +69,9 @@ class LabTurn:
     safety: tuple[str, ...] = ()
     attempts: int = 1
     refused: bool = False
-    latency: float = 0.0
-    """Seconds the engine took for the whole exchange (`Reply.timings["total"]`)."""
+    latency: float | None = None
+    """Seconds the engine took for the whole exchange (`Reply.timings["total"]`); None for a
+    refused line, which never reached the model and has no timing."""
     references: tuple[str, ...] = ()
 
     @property
@@ -170,8 +171,9 @@ def safety_counts(turns: Sequence[LabTurn]) -> dict[str, int]:
     return counts
 
 
-def latency_summary(seconds: Sequence[float]) -> tuple[float | None, float | None]:
-    """(median, mean) of per-reply latencies; (None, None) for none."""
+def latency_summary(seconds: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """(median, mean) of the per-reply latencies that were measured; (None, None) for none."""
+    seconds = [s for s in seconds if s is not None]
     if not seconds:
         return None, None
     return statistics.median(seconds), statistics.fmean(seconds)
@@ -227,7 +229,8 @@ def cell_metrics(transcripts: Sequence[Sequence[LabTurn]], *, samples: int,
             groups.extend([row[t].reply for row in rows] for t in range(len(rows[0])))
     bleu, chrf = reference_scores([(t.reply, t.references) for t in turns])
     p50, mean = latency_summary([t.latency for t in turns])
-    tokens = [t.reply_tokens for t in turns]
+    # A refusal or fallback is the engine's canned text, counted as 0 tokens: not a length the model chose.
+    tokens = [t.reply_tokens for t in turns if t.model_written]
     return {
         "replies": len(turns),
         "reply_tokens": statistics.fmean(tokens) if tokens else None,
@@ -249,7 +252,7 @@ def cell_metrics(transcripts: Sequence[Sequence[LabTurn]], *, samples: int,
 METRICS: Mapping[str, tuple[str, str, str, str]] = {
     # key: (label, number format, a few words for a chart title, the definition)
     "reply_tokens": ("reply tokens", "{:.1f}", "mean length",
-                     "mean reply length in the model's tokens"),
+                     "mean reply length in the model's tokens (fallback and refusal texts left out)"),
     "distinct_1": ("distinct-1", "{:.3f}", "higher = more varied words",
                    "distinct words over all words of the cell's replies (lower-cased, punctuation removed)"),
     "distinct_2": ("distinct-2", "{:.3f}", "higher = more varied",
@@ -269,8 +272,9 @@ METRICS: Mapping[str, tuple[str, str, str, str]] = {
     "chrf": ("chrF", "{:.1f}", "against references",
              "corpus chrF (sacrebleu defaults: character 6-grams, beta 2) of the same replies"),
     "latency_p50": ("latency p50 s", "{:.2f}", "median seconds per reply",
-                    "median seconds from message to stored reply (the engine's total time), retries included"),
+                    "median seconds from message to stored reply (the engine's total time), retries included; "
+                    "refused lines, which never reach the model, left out"),
     "latency_mean": ("latency mean s", "{:.2f}", "mean seconds per reply",
-                     "mean seconds from message to stored reply"),
+                     "mean seconds from message to stored reply, refused lines left out"),
 }
 """The numeric metrics in display order."""

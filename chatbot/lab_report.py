@@ -30,7 +30,7 @@ TABLE_METRICS = ("reply_tokens", "distinct_1", "distinct_2", "repeated_turn_rate
                  "chrf", "latency_p50")
 """The metrics the terminal table shows (the JSON, CSV and HTML have them all)."""
 
-VOLATILE = ("seconds", "latency", "latency_p50", "latency_mean", "created")
+VOLATILE = ("seconds", "latency", "latency_p50", "latency_mean")
 """Keys whose values change from run to run with the same seed (timings); everything else repeats exactly."""
 
 

@@ -170,3 +170,18 @@ def test_cell_metrics_lines_up_replies_to_the_same_turn_across_samples():
     assert metrics["latency_p50"] == pytest.approx(0.5) and metrics["latency_mean"] == pytest.approx(0.5)
     assert metrics["safety"]["clean"] == 4 and metrics["finish"] == {"stop": 4}
     assert cell_metrics([sample1], samples=1)["self_bleu"] is None
+
+
+def test_a_refused_line_counts_neither_as_a_zero_token_reply_nor_as_a_zero_second_one():
+    # The engine answers a refused line with its canned text, 0 reply tokens and no timing.
+    turns = [LabTurn("hi", "hello there friend", reply_tokens=4, latency=0.4),
+             LabTurn("you idiot", "Let's keep it friendly.", reply_tokens=0, finish_reason="refused", refused=True),
+             LabTurn("bye", "bye now", reply_tokens=2, latency=0.2),
+             LabTurn("x", "Let's talk about something else.", reply_tokens=0, finish_reason="unsafe", latency=1.2)]
+    metrics = cell_metrics([turns], samples=1)
+    assert metrics["replies"] == 4
+    assert metrics["reply_tokens"] == pytest.approx(3.0)  # (4 + 2) / 2: the model-written replies
+    # the unsafe fallback did go through the model (three tries): its time counts
+    assert metrics["latency_p50"] == pytest.approx(0.4) and metrics["latency_mean"] == pytest.approx(0.6)
+    only_refused = cell_metrics([[turns[1]]], samples=1)
+    assert only_refused["reply_tokens"] is None and only_refused["latency_p50"] is None
