@@ -7,11 +7,13 @@ The JSON document is the one source the other outputs are made from, the HTML re
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +22,8 @@ from typing import Any
 from .errors import ChatbotError
 from .lab_metrics import METRICS, SAFETY_KINDS
 
-__all__ = ["FORMAT", "results_document", "write_outputs", "load_baseline", "compare", "Comparison", "terminal_table",
-           "cell_label", "TABLE_METRICS"]
+__all__ = ["FORMAT", "results_document", "csv_text", "write_outputs", "check_out_dir", "load_baseline", "compare",
+           "Comparison", "terminal_table", "cell_label", "TABLE_METRICS"]
 
 FORMAT = "chatbot-lab/1"
 """Written into every results document; a baseline without it is refused."""
@@ -99,30 +101,50 @@ def write_outputs(doc: Mapping[str, Any], out_dir: Path, html: str) -> dict[str,
     """Write results.json, results.csv and report.html into ``out_dir``.
 
     A results.json already there (an earlier run) is kept as previous.json first, so the
-    run it came from can still serve as a ``--baseline``.
+    run it came from can still serve as a ``--baseline``. All three are written beside
+    their places first and renamed in only once all three are whole, so a failure or an
+    interruption leaves the folder as it was, never one new file beside two old ones.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "csv": out_dir / "results.csv", "html": out_dir / "report.html"}
-    if paths["json"].is_file():
-        os.replace(paths["json"], out_dir / "previous.json")
     texts = {"json": json.dumps(doc, indent=1, ensure_ascii=False) + "\n", "csv": csv_text(doc), "html": html}
-    for kind, path in paths.items():
-        # Written beside and renamed into place, so a crash never leaves half a file.
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(texts[kind], encoding="utf-8")
-        os.replace(tmp, path)
+    written: dict[str, Path] = {}
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for kind, path in paths.items():
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(texts[kind], encoding="utf-8")
+            written[kind] = tmp
+        if paths["json"].is_file():
+            os.replace(paths["json"], out_dir / "previous.json")
+        for kind, tmp in written.items():
+            os.replace(tmp, paths[kind])
+    except OSError as err:
+        raise ChatbotError(f"`--out` {out_dir}: cannot write the results ({err.strerror or err})") from None
+    finally:
+        for tmp in written.values():
+            tmp.unlink(missing_ok=True)
     return paths
 
 
 def check_out_dir(out_dir: Path) -> None:
-    """Fail before anything runs when the results could not be written there (nothing is created yet)."""
+    """Fail before anything runs when the results could not be written there.
+
+    Tried for real (the folder made and a file written in it, then both removed again):
+    permission bits do not tell, for root or on a read-only or virtual file system.
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise ChatbotError(f"`--out` {out_dir} is a file; name a folder")
-    existing = out_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ChatbotError(f"`--out` {out_dir}: cannot write into {existing}")
+    made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ChatbotError(f"`--out` {out_dir}: cannot write there ({err.strerror or err})") from None
+    finally:
+        for folder in made:  # deepest first; one that something else filled meanwhile stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 # --------------------------------------------------------------------------- baseline

@@ -307,6 +307,40 @@ def test_bad_options_fail_before_anything_runs(lab_env, capsys, argv, message):
     assert not (lab_env / "lab-results").exists()
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where nothing can be created")
+def test_an_out_folder_that_cannot_be_written_fails_before_anything_runs(lab_env, capsys):
+    # Permission bits say /proc is writable for root; only trying tells.
+    scenario = lab_env / "ok.toml"
+    scenario.write_text(SCENARIO, encoding="utf-8")
+    code, out, err = run(capsys, "lab", scenario, "--model", lab_env / "no-model-needed", "--out", "/proc/lab-results")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: `--out` /proc/lab-results: cannot write there"), err
+    # a folder that can be written is tried and left as it was found
+    code, out, err = run(capsys, "lab", scenario, "--model", lab_env / "no-model-needed", "--out", lab_env / "a" / "b")
+    assert code == 2 and "cannot load model" in err and not (lab_env / "a").exists()
+
+
+def test_the_three_files_are_replaced_together_or_not_at_all(lab_run, tmp_path):
+    from chatbot.errors import ChatbotError
+    from chatbot.lab_report import write_outputs
+
+    doc = json.loads((lab_run["out"] / "results.json").read_text(encoding="utf-8"))
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("results.json", "results.csv", "report.html"):
+        (out / name).write_text(f"old {name}", encoding="utf-8")
+    (out / ".report.html.tmp").mkdir()  # the last of the three cannot be written
+    with pytest.raises(ChatbotError, match=f"`--out` {out}: cannot write the results"):
+        write_outputs(doc, out, "<html>new</html>")
+    assert sorted(p.name for p in out.iterdir()) == [".report.html.tmp", "report.html", "results.csv", "results.json"]
+    assert all((out / n).read_text(encoding="utf-8") == f"old {n}" for n in ("results.json", "results.csv"))
+    (out / ".report.html.tmp").rmdir()
+    write_outputs(doc, out, "<html>new</html>")
+    assert sorted(p.name for p in out.iterdir()) == ["previous.json", "report.html", "results.csv", "results.json"]
+    assert (out / "previous.json").read_text(encoding="utf-8") == "old results.json"
+    assert (out / "report.html").read_text(encoding="utf-8") == "<html>new</html>"
+
+
 def test_what_only_the_model_can_tell_is_checked_before_the_first_cell(lab_run, lab_env, capsys):
     scenario = lab_env / "long.toml"
     scenario.write_text(SCENARIO.replace("max_new_tokens = 6\n\n[[conv", "max_new_tokens = 64\n\n[[conv"),
