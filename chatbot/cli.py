@@ -523,7 +523,15 @@ def cmd_lab(args: argparse.Namespace) -> int:
     from .config import Settings
     from .lab import load_generators, prepare, run_lab
     from .lab_html import render_html
-    from .lab_report import check_out_dir, compare, load_baseline, results_document, terminal_table, write_outputs
+    from .lab_report import (
+        check_baseline,
+        check_out_dir,
+        compare,
+        load_baseline,
+        results_document,
+        terminal_table,
+        write_outputs,
+    )
 
     settings = Settings.load(args.config, device=args.device, allow_download=args.allow_download or None)
     # Everything the scenario names is checked, and the baseline read, before any model runs.
@@ -531,6 +539,11 @@ def cmd_lab(args: argparse.Namespace) -> int:
                    samples=args.samples)
     baseline = load_baseline(args.baseline) if args.baseline else None
     out_dir = Path(args.out) if args.out else Path("lab-results") / plan.scenario.name
+    if baseline is not None:
+        check_baseline(baseline, [cell.key for cell in plan.cells])
+        if Path(baseline["_path"]).resolve() == (out_dir / "results.json").resolve():
+            # Writing this run moves that file to previous.json; the report names where the baseline will be.
+            baseline["_path"] = str(out_dir / "previous.json")
     check_out_dir(out_dir)
     generators = load_generators(plan, device=settings.device, allow_download=settings.allow_download)
     total = len(plan.cells) * plan.replies_per_cell

@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
+
 from .errors import ChatbotError
 from .lab_metrics import METRICS, SAFETY_KINDS
 
-__all__ = ["FORMAT", "results_document", "csv_text", "write_outputs", "check_out_dir", "load_baseline", "compare",
-           "Comparison", "terminal_table", "cell_label", "TABLE_METRICS"]
+__all__ = ["FORMAT", "results_document", "csv_text", "write_outputs", "check_out_dir", "load_baseline",
+           "check_baseline", "compare", "Comparison", "terminal_table", "cell_label", "TABLE_METRICS"]
 
 FORMAT = "chatbot-lab/1"
 """Written into every results document; a baseline without it is refused."""
@@ -165,8 +167,49 @@ def load_baseline(path: str | Path) -> dict[str, Any]:
         raise ChatbotError(f"`--baseline` {path}: not JSON ({err})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("cells"), list):
         raise ChatbotError(f"`--baseline` {path}: not the results.json of a `bot.py lab` run")
+    try:
+        # Only what `compare` and the report read; checked now, since they run after the whole grid.
+        _Baseline.model_validate(doc, strict=True)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where, problem = ".".join(str(p) for p in first["loc"]), first["msg"].replace("Input should be", "should be")
+        raise ChatbotError(f"`--baseline` {path}: a damaged results.json (`{where}`: {problem}); "
+                           "run the scenario again to get a new one") from None
     doc["_path"] = str(path)
     return doc
+
+
+def check_baseline(baseline: Mapping[str, Any], keys: Sequence[str]) -> None:
+    """Refuse, before the run, a baseline that shares no cell with it: nothing would be compared."""
+    theirs = [c["key"] for c in baseline["cells"]]
+    if not set(theirs) & set(keys):
+        name = baseline["scenario"].get("name", "?")
+        raise ChatbotError(f"`--baseline` {baseline['_path']}: a run of scenario {name!r} that shares no cell "
+                           f"(model / persona / preset) with this one; its cells: {', '.join(theirs) or 'none'}")
+
+
+class _Turn(BaseModel):
+    user: str
+    reply: str
+
+
+class _Transcript(BaseModel):
+    sample: int
+    conversation: int
+    turns: list[_Turn]
+
+
+class _Cell(BaseModel):
+    key: str
+    metrics: dict[str, float | None]
+    transcripts: list[_Transcript]
+
+
+class _Baseline(BaseModel):
+    cells: list[_Cell]
+    scenario: dict[str, Any]
+    personas: dict[str, dict[str, Any]]
+    models: dict[str, str]
 
 
 @dataclass
@@ -225,6 +268,8 @@ def compare(doc: Mapping[str, Any], baseline: Mapping[str, Any]) -> Comparison:
             result.notes.append(f"persona {name} changed since the baseline: {', '.join(fields)}")
     if doc.get("models") != baseline.get("models"):
         result.notes.append("the baseline ran on other model files")
+    if ours.get("name") != theirs.get("name"):
+        result.notes.append(f"the baseline is a run of another scenario, {theirs.get('name')!r}")
     return result
 
 

@@ -210,7 +210,8 @@ def test_a_baseline_shows_what_a_persona_edit_changed(lab_run, lab_env, capsys):
     assert code == 0, err
     # the earlier run is kept beside the new one, not overwritten
     assert (out / "previous.json").read_text(encoding="utf-8") == before
-    assert "change from the baseline" in stdout
+    # the baseline file has become previous.json by the time the table and report name it
+    assert f"change from the baseline {out / 'previous.json'}:" in stdout
     assert "note: persona tester-warm changed since the baseline: description" in stdout
     rows = {line.split("  ")[0].strip(): line for line in stdout.split("change from the baseline")[1].splitlines()}
     # untouched personas replay exactly: no reply changed
@@ -219,6 +220,18 @@ def test_a_baseline_shows_what_a_persona_edit_changed(lab_run, lab_env, capsys):
     page = (out / "report.html").read_text(encoding="utf-8")
     assert 'class="delta' in page and "persona tester-warm changed since the baseline" in page
     assert 'class="base"' in page  # the baseline's values marked on the bars
+
+
+def test_a_baseline_of_another_scenario_that_shares_cells_is_compared_with_a_note(lab_run, tmp_path):
+    from chatbot.lab_report import compare, load_baseline
+
+    doc = json.loads((lab_run["out"] / "results.json").read_text(encoding="utf-8"))
+    other = json.loads(json.dumps(doc))
+    other["scenario"]["name"] = "tiny-copy"
+    (tmp_path / "results.json").write_text(json.dumps(other), encoding="utf-8")
+    comparison = compare(doc, load_baseline(tmp_path))
+    assert comparison.notes == ["the baseline is a run of another scenario, 'tiny-copy'"]
+    assert all(d.changed_replies == 0 for d in comparison.cells.values())
 
 
 # --------------------------------------------------------------------------- mistakes, caught before anything runs
@@ -295,12 +308,27 @@ conversations:
     (["{scenario}", "--baseline", "{scenario}"], "not JSON"),
     (["{scenario}", "--baseline", "other.json"], "not the results.json of a `bot.py lab` run"),
     (["{scenario}", "--out", "{scenario}"], "is a file; name a folder"),
+    # well-formed JSON that `compare` could not read would otherwise fail after the whole grid ran
+    (["{scenario}", "--baseline", "damaged.json"], "damaged.json: a damaged results.json (`cells.0.metrics`: "),
+    (["{scenario}", "--baseline", "text-metric.json"], "a damaged results.json (`cells.0.metrics.bleu`: "),
+    (["{scenario}", "--baseline", "elsewhere.json"],
+     "elsewhere.json: a run of scenario 'elsewhere' that shares no cell (model / persona / preset) with this one; "
+     "its cells: chitchat-gpt2 / friendly / precise"),
 ])
 def test_bad_options_fail_before_anything_runs(lab_env, capsys, argv, message):
     scenario = lab_env / "ok.toml"
     scenario.write_text(SCENARIO, encoding="utf-8")
     (lab_env / "scenario.json").write_text("{}", encoding="utf-8")
     (lab_env / "other.json").write_text('{"cells": []}', encoding="utf-8")
+    (lab_env / "damaged.json").write_text('{"format": "chatbot-lab/1", "cells": [{"key": "x"}]}', encoding="utf-8")
+
+    def results(cell, metrics):
+        return json.dumps({"format": "chatbot-lab/1", "scenario": {"name": "elsewhere"}, "personas": {},
+                           "models": {}, "cells": [{"key": cell, "metrics": metrics, "transcripts": []}]})
+
+    (lab_env / "text-metric.json").write_text(results("no-model-needed / tester / short", {"bleu": "high"}),
+                                              encoding="utf-8")
+    (lab_env / "elsewhere.json").write_text(results("chitchat-gpt2 / friendly / precise", {}), encoding="utf-8")
     argv = [a.replace("{scenario}", str(scenario)) for a in argv]
     code, out, err = run(capsys, "lab", *argv, "--model", lab_env / "no-model-needed")
     assert code == 2 and out == "" and message in err and len(err.strip().splitlines()) == 1, err
