@@ -61,6 +61,14 @@ MAX_SAMPLES = 20
 # --------------------------------------------------------------------------- the scenario file
 
 
+def _not_empty(cls: Any, value: tuple[Any, ...]) -> tuple[Any, ...]:
+    # Rather than `min_length`, which pydantic also reports when every item was invalid
+    # ("should have at least 1 item after validation") beside the real mistake.
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
 class ScenarioTurn(BaseModel):
     """One line the user says, with reference replies to score the bot's answer against (optional)."""
 
@@ -83,15 +91,21 @@ class ScenarioConversation(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field("", max_length=80)
-    turns: tuple[ScenarioTurn, ...] = Field(min_length=1, max_length=50)
+    turns: tuple[ScenarioTurn, ...] = Field(max_length=50)
 
     @field_validator("turns", mode="before")
     @classmethod
     def _plain_lines(cls, value: Any) -> Any:
         # A bare string is a line without references: turns = ["hi", {user = "...", references = [...]}]
         if isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                if isinstance(v, (bool, int, float)):
+                    raise ValueError(f"line {i} is {v!r}, not text (YAML reads a bare yes, no, on, off or number "
+                                     "so); put it in quotes")
             return [{"user": v} if isinstance(v, str) else v for v in value]
         return value
+
+    _turns = field_validator("turns")(_not_empty)
 
 
 class ScenarioPreset(DecodingOverrides):  # type: ignore[misc, valid-type]
@@ -149,10 +163,12 @@ class Grid(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    personas: tuple[str, ...] = Field(min_length=1, max_length=20)
-    presets: tuple[str, ...] = Field((DEFAULT_PRESET,), min_length=1, max_length=20)
+    personas: tuple[str, ...] = Field(max_length=20)
+    presets: tuple[str, ...] = Field((DEFAULT_PRESET,), max_length=20)
     models: tuple[str, ...] = Field((), max_length=5)
     """Model directories or cached hub names; empty means the settings' model."""
+
+    _lists = field_validator("personas", "presets")(_not_empty)
 
     @field_validator("personas", "presets", "models")
     @classmethod
@@ -171,9 +187,9 @@ class Scenario(BaseModel):
     name: str = Field("", pattern=r"^$|" + _NAME)
     """Names the output folder (``lab-results/<name>``); default: the file name."""
     description: str = Field("", max_length=1000)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    seed: int = Field(0, ge=0, le=2**31 - 1, strict=True)
     """Every reply's seed derives from it (`turn_seed`)."""
-    samples: int = Field(3, ge=1, le=MAX_SAMPLES)
+    samples: int = Field(3, ge=1, le=MAX_SAMPLES, strict=True)
     """Times each conversation is replayed per cell, with different seeds (the same in every cell)."""
     user: str = Field("User", min_length=1, max_length=32)
     """The user's name in the transcript."""
@@ -182,7 +198,9 @@ class Scenario(BaseModel):
     """Presets of this scenario, by name, usable in ``grid.presets``."""
     personas: dict[str, PersonaVariant] = Field(default_factory=dict)
     """Personas of this scenario, by name, usable in ``grid.personas``."""
-    conversations: tuple[ScenarioConversation, ...] = Field(min_length=1, max_length=50)
+    conversations: tuple[ScenarioConversation, ...] = Field(max_length=50)
+
+    _conversations = field_validator("conversations")(_not_empty)
 
     @field_validator("user")
     @classmethod
@@ -202,20 +220,61 @@ class Scenario(BaseModel):
         return value
 
 
+def _yaml_loader() -> Any:
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: plain
+    PyYAML keeps the last silently, so a second `presets:` would drop the first unseen."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: Any, node: Any) -> Any:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` merges keys that the mapping's own may override
+            key = loader.construct_object(key_node)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return loader.construct_mapping(node)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return Loader
+
+
+def _yaml_problem(err: Any) -> str:
+    """A YAML error as one line, with the line and column of each place it names."""
+    def where(mark: Any) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    problem = getattr(err, "problem", None)
+    if problem is None or getattr(err, "problem_mark", None) is None:
+        return " ".join(str(err).split())
+    text = f"{where(err.problem_mark)}: {problem}"
+    if getattr(err, "context", None):
+        text += f", {err.context}" + (f" at {where(err.context_mark)}" if err.context_mark is not None else "")
+    return text
+
+
 def _read(path: Path) -> dict[str, Any]:
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_yaml_loader())  # a SafeLoader
         except FileNotFoundError:
             raise ChatbotError(f"{path}: no such scenario file") from None
         except (OSError, UnicodeDecodeError) as err:
             raise ChatbotError(f"{path}: cannot read ({err})") from None
         except yaml.YAMLError as err:
-            raise ChatbotError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+            raise ChatbotError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
+        if data is None:
+            raise ChatbotError(f"{path}: the file is empty; a scenario needs at least `grid` and `conversations`")
         if not isinstance(data, dict):
-            raise ChatbotError(f"{path}: a scenario must be a mapping of keys, got {type(data).__name__}")
+            raise ChatbotError(f"{path}: a scenario must be a mapping of keys (`grid`, `conversations`, ...), "
+                               f"got a {type(data).__name__}")
         return data
     if path.suffix.lower() != ".toml":
         raise ChatbotError(f"{path}: a scenario file must end in .toml, .yaml or .yml")

@@ -256,6 +256,8 @@ BAD = [
     ('from = "tester"', 'from = "nobody"', "`personas.tester-warm.from`: unknown persona 'nobody'"),
     ('description = "Bot is warm."', 'speaker = "A: b"', "`personas.tester-warm.speaker` must be a single line"),
     ("samples = 2", "samples = 0", "`samples` must be greater than or equal to 1, got 0"),
+    ("samples = 2", "samples = true", "`samples` must be a valid integer, got True"),
+    ('personas = ["tester", "other", "tester-warm"]', "personas = []", "`grid.personas` must not be empty, got []"),
     ('[[conversations]]\nturns = ["do you have any pets?"]', '[[conversations]]\nturns = []',
      "`conversations.1.turns` "),
     # a line the engine would refuse stops the run here, not in the first cell
@@ -296,7 +298,24 @@ conversations:
     broken = lab_env / "broken.yaml"
     broken.write_text("grid: [unclosed", encoding="utf-8")
     code, _, err = run(capsys, "lab", broken)
-    assert code == 2 and "not valid YAML" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "not valid YAML (line 1, column 16: expected ',' or ']'" in err
+    assert len(err.strip().splitlines()) == 1
+
+    # PyYAML alone keeps the last of two equal keys: the first preset would vanish unseen
+    twice = lab_env / "twice.yaml"
+    twice.write_text(yaml_text + "presets: {short: {base: precise}}\n", encoding="utf-8")
+    code, _, err = run(capsys, "lab", twice)
+    assert code == 2
+    assert err == f"error: {twice}: not valid YAML (line 6, column 1: key 'presets' given twice in one mapping)\n"
+    # a bare yes or 42 is not the text typed
+    yes = lab_env / "yes.yaml"
+    yes.write_text(yaml_text.replace("[hi, {", "[hi, yes, {"), encoding="utf-8")
+    code, _, err = run(capsys, "lab", yes)
+    assert code == 2 and "`conversations.0.turns` line 1 is True, not text" in err and "put it in quotes" in err
+    empty = lab_env / "empty.yaml"
+    empty.write_text("# nothing yet\n", encoding="utf-8")
+    code, _, err = run(capsys, "lab", empty)
+    assert code == 2 and err.startswith(f"error: {empty}: the file is empty; a scenario needs at least `grid`")
 
 
 @pytest.mark.parametrize("argv, message", [
