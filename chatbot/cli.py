@@ -554,11 +554,18 @@ def cmd_lab(args: argparse.Namespace) -> int:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc="lab", unit="reply", leave=False)
+    replies = 0
 
     def progress(cell: str) -> None:
+        nonlocal replies
+        replies += 1
         if bar is not None:
             bar.set_postfix_str(cell, refresh=False)
             bar.update()
+        elif replies % plan.replies_per_cell == 0:
+            # A bar's carriage returns would garble a log file or CI output: one line per finished cell.
+            print(f"lab: cell {replies // plan.replies_per_cell}/{len(plan.cells)} done: {cell}", file=sys.stderr,
+                  flush=True)
 
     try:
         run = run_lab(plan, generators, progress=progress)

@@ -167,6 +167,10 @@ def test_a_grid_run_writes_the_table_the_json_the_csv_and_the_html(lab_run):
     for label in ("reply tokens", "distinct-2", "self-BLEU", "perplexity", "BLEU", "chrF", "flagged"):
         assert label in header
     assert "tester-warm / hot" in table and f"wrote {out / 'report.html'}" in table
+    # stderr is no terminal here: a line per finished cell instead of a progress bar
+    done = [line for line in lab_run["stderr"].splitlines() if line.startswith("lab: cell ")]
+    assert len(done) == 9 and done[-1] == f"lab: cell 9/9 done: {lab_run['model'].name} / tester-warm / hot", lab_run["stderr"]
+    assert "\r" not in lab_run["stderr"]
 
     page = (out / "report.html").read_text(encoding="utf-8")
     assert '<table class="metrics">' in page and page.count("<svg") >= 9
