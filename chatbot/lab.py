@@ -48,7 +48,8 @@ from .lab_metrics import LabTurn, cell_metrics, reply_nll
 from .prompting import Persona, PersonaExample, clean_speaker, get_persona, load_persona
 from .safety import sanitize_input
 
-__all__ = ["Scenario", "LabCell", "LabRun", "load_scenario", "prepare", "run_lab", "turn_seed", "DEFAULT_PRESET"]
+__all__ = ["Scenario", "LabCell", "LabRun", "load_scenario", "prepare", "load_generators", "run_lab", "turn_seed",
+           "DEFAULT_PRESET"]
 
 log = logging.getLogger(__name__)
 

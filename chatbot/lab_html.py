@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .lab_metrics import METRICS, SAFETY_KINDS
-from .lab_report import Comparison, cell_label, fmt_delta, fmt_metric
+from .lab_report import Comparison, cell_label, flagged, fmt_delta, fmt_metric
 
 __all__ = ["render_html", "PLOT_METRICS"]
 
@@ -34,7 +34,8 @@ h3 { font-size: 15px; margin: 18px 0 6px; }
 table { border-collapse: collapse; }
 table.metrics td, table.metrics th, table.counts td, table.counts th { padding: 3px 8px; border-bottom: 1px solid #e4e4e4; }
 table.metrics th, table.counts th { background: #f3f5f8; text-align: right; font-weight: 600; }
-table.metrics th:first-child, table.metrics td:first-child { text-align: left; white-space: nowrap; }
+table.metrics th:first-child, table.metrics td:first-child, table.counts th:first-child { text-align: left;
+  white-space: nowrap; }
 table.metrics td { text-align: right; font-variant-numeric: tabular-nums; }
 .delta { display: block; font-size: 11px; color: #666; }
 .delta.up, .delta.down { color: #1b1b1b; }
@@ -49,7 +50,7 @@ svg .grid { stroke: #e8e8e8; } svg .axis { stroke: #888; } svg .base { stroke: #
 .scroll { overflow-x: auto; max-width: 100%; }
 table.transcript { table-layout: fixed; }
 table.transcript th, table.transcript td { border: 1px solid #e0e0e0; padding: 4px 6px; vertical-align: top;
-  width: 190px; min-width: 190px; text-align: left; }
+  width: 190px; min-width: 190px; text-align: left; overflow-wrap: anywhere; }
 table.transcript th { background: #f3f5f8; position: sticky; top: 0; }
 table.transcript td.user { background: #f7f7f7; font-style: italic; }
 td .tag { color: #a23b00; font-size: 11px; display: block; }
@@ -233,13 +234,12 @@ def _metrics_table(doc: Mapping[str, Any], comparison: Comparison | None) -> str
                 direction = "" if d is None or shown.strip("+-0.") == "" else (" up" if d > 0 else " down")
                 text += f'<span class="delta{direction}">{_e(shown)}</span>'
             tds.append(f"<td>{text}</td>")
-        flagged = cell["metrics"]["replies"] - cell["safety"].get("clean", 0)
         changed = ""
         if comparison is not None:
             changed = f"<td>{delta.changed_replies}/{delta.compared_replies}</td>" if delta else "<td>-</td>"
         d = cell["decoding"]
         rows.append(f"<tr><td>{_e(cell_label(cell, one_model))}</td><td>{d['temperature']:g}</td>"
-                    f"<td>{d['top_p']:g}</td>{''.join(tds)}<td>{flagged}</td>{changed}</tr>")
+                    f"<td>{d['top_p']:g}</td>{''.join(tds)}<td>{flagged(cell)}</td>{changed}</tr>")
     rows.append("</tbody></table>")
     return "".join(rows)
 

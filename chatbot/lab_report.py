@@ -25,7 +25,8 @@ from .errors import ChatbotError
 from .lab_metrics import METRICS, SAFETY_KINDS
 
 __all__ = ["FORMAT", "results_document", "csv_text", "write_outputs", "check_out_dir", "load_baseline",
-           "check_baseline", "compare", "Comparison", "terminal_table", "cell_label", "TABLE_METRICS"]
+           "check_baseline", "compare", "Comparison", "terminal_table", "cell_label", "flagged",
+           "TABLE_METRICS"]
 
 FORMAT = "chatbot-lab/1"
 """Written into every results document; a baseline without it is refused."""
@@ -226,7 +227,6 @@ class Comparison:
     path: str
     cells: dict[str, CellDelta] = field(default_factory=dict)
     baseline_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
-    new_cells: list[str] = field(default_factory=list)
     gone_cells: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -244,7 +244,6 @@ def compare(doc: Mapping[str, Any], baseline: Mapping[str, Any]) -> Comparison:
     for cell in doc["cells"]:
         old = before.get(cell["key"])
         if old is None:
-            result.new_cells.append(cell["key"])
             continue
         deltas = {}
         for key in METRICS:
@@ -307,7 +306,8 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def _flagged(cell: Mapping[str, Any]) -> int:
+def flagged(cell: Mapping[str, Any]) -> int:
+    """Replies of the cell that a safety filter acted on."""
     return cell["metrics"]["replies"] - cell["safety"].get("clean", 0)
 
 
@@ -319,7 +319,7 @@ def terminal_table(doc: Mapping[str, Any], comparison: Comparison | None = None)
     rows = [header]
     for cell in doc["cells"]:
         rows.append([cell_label(cell, one_model), *(fmt_metric(k, cell["metrics"].get(k)) for k in shown),
-                     str(_flagged(cell))])
+                     str(flagged(cell))])
     out = [_table(rows)]
     if comparison is not None:
         rows = [["cell", *(METRICS[k][0] for k in shown), "changed replies"]]
