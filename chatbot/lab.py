@@ -46,7 +46,7 @@ from .generation import (
 )
 from .lab_metrics import LabTurn, cell_metrics, reply_nll
 from .prompting import Persona, PersonaExample, clean_speaker, get_persona, load_persona
-from .safety import sanitize_input
+from .safety import sanitize_input, skeleton
 
 __all__ = ["Scenario", "LabCell", "LabRun", "load_scenario", "prepare", "load_generators", "run_lab", "turn_seed",
            "DEFAULT_PRESET"]
@@ -392,6 +392,11 @@ def prepare(path: str | Path, settings: Any, *, models: Sequence[str] = (), seed
         raise ChatbotError(f"`--samples` must be between 1 and {MAX_SAMPLES}, got {samples}")
     scenario = scenario.model_copy(update={k: v for k, v in (("seed", seed), ("samples", samples)) if v is not None})
     personas = _personas(scenario, path, Path(settings.prompts_dir))
+    for name, persona in personas.items():
+        if skeleton(persona.speaker) == skeleton(scenario.user):
+            # "Sam: hi\nSam:" would have the model read the user's lines as its own.
+            raise ChatbotError(f"{path}: `user` {scenario.user!r} is the speaker name of persona {name!r} "
+                               f"({persona.speaker!r}); give the user another name")
     for p in scenario.grid.presets:
         if p != DEFAULT_PRESET and p not in PRESETS and p not in scenario.presets:
             known = ", ".join([DEFAULT_PRESET, *PRESETS, *scenario.presets])

@@ -261,6 +261,7 @@ BAD = [
     ('description = "Bot is warm."', 'speaker = "A: b"', "`personas.tester-warm.speaker` must be a single line"),
     ("samples = 2", "samples = 0", "`samples` must be greater than or equal to 1, got 0"),
     ("samples = 2", "samples = true", "`samples` must be a valid integer, got True"),
+    ("samples = 2", 'samples = 2\nuser = "bot"', "`user` 'bot' is the speaker name of persona 'tester' ('Bot')"),
     ('personas = ["tester", "other", "tester-warm"]', "personas = []", "`grid.personas` must not be empty, got []"),
     ('[[conversations]]\nturns = ["do you have any pets?"]', '[[conversations]]\nturns = []',
      "`conversations.1.turns` "),
