@@ -78,6 +78,14 @@ class ScenarioTurn(BaseModel):
     user: str = Field(min_length=1, max_length=2000)
     references: tuple[str, ...] = ()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _not_a_scalar(cls, value: Any) -> Any:
+        if isinstance(value, (bool, int, float)):
+            raise ValueError("must be text: YAML reads a bare yes, no, on, off or number as such; put the line in "
+                             "quotes")
+        return value
+
     @field_validator("references")
     @classmethod
     def _references(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -99,10 +107,6 @@ class ScenarioConversation(BaseModel):
     def _plain_lines(cls, value: Any) -> Any:
         # A bare string is a line without references: turns = ["hi", {user = "...", references = [...]}]
         if isinstance(value, (list, tuple)):
-            for i, v in enumerate(value):
-                if isinstance(v, (bool, int, float)):
-                    raise ValueError(f"line {i} is {v!r}, not text (YAML reads a bare yes, no, on, off or number "
-                                     "so); put it in quotes")
             return [{"user": v} if isinstance(v, str) else v for v in value]
         return value
 
@@ -202,6 +206,19 @@ class Scenario(BaseModel):
     conversations: tuple[ScenarioConversation, ...] = Field(max_length=50)
 
     _conversations = field_validator("conversations")(_not_empty)
+
+    @field_validator("conversations")
+    @classmethod
+    def _distinct_names(cls, value: tuple[ScenarioConversation, ...]) -> tuple[ScenarioConversation, ...]:
+        first: dict[str, int] = {}
+        for i, conversation in enumerate(value):
+            if conversation.name in first:
+                # Starts with its key, so the message is not followed by every conversation as the bad value.
+                raise ValueError(f"`conversations.{i}.name` {conversation.name!r} is conversation "
+                                 f"{first[conversation.name]}'s name too; the report heads their transcripts with it")
+            if conversation.name:
+                first[conversation.name] = i
+        return value
 
     @field_validator("user")
     @classmethod

@@ -265,6 +265,8 @@ BAD = [
     ('personas = ["tester", "other", "tester-warm"]', "personas = []", "`grid.personas` must not be empty, got []"),
     ('[[conversations]]\nturns = ["do you have any pets?"]', '[[conversations]]\nturns = []',
      "`conversations.1.turns` "),
+    ('[[conversations]]\nturns = ["do you have any pets?"]', '[[conversations]]\nname = "greeting"\nturns = ["yo"]',
+     "`conversations.1.name` 'greeting' is conversation 0's name too"),
     # a line the engine would refuse stops the run here, not in the first cell
     ('"do you have any pets?"', '"\\u200b  "', "`conversations.1.turns.0.user`: that message is empty"),
 ]
@@ -316,7 +318,7 @@ conversations:
     yes = lab_env / "yes.yaml"
     yes.write_text(yaml_text.replace("[hi, {", "[hi, yes, {"), encoding="utf-8")
     code, _, err = run(capsys, "lab", yes)
-    assert code == 2 and "`conversations.0.turns` line 1 is True, not text" in err and "put it in quotes" in err
+    assert code == 2 and "`conversations.0.turns.1` must be text: YAML reads a bare yes" in err
     empty = lab_env / "empty.yaml"
     empty.write_text("# nothing yet\n", encoding="utf-8")
     code, _, err = run(capsys, "lab", empty)
