@@ -299,6 +299,12 @@ def _read(path: Path) -> dict[str, Any]:
     return read_toml(path, "scenario file")
 
 
+def _plain(message: str) -> str:
+    """pydantic's words in a file's words: "a valid dictionary or instance of Grid" is a table."""
+    message = re.sub(r"a valid dictionary or instance of \w+", "a table of keys (a mapping in YAML)", message)
+    return message.replace("a valid tuple", "a list")
+
+
 def load_scenario(path: str | Path) -> Scenario:
     """Read and check the file's shape (names of personas and presets are checked by `prepare`)."""
     path = Path(path)
@@ -306,7 +312,7 @@ def load_scenario(path: str | Path) -> Scenario:
     try:
         scenario = Scenario(**data)
     except ValidationError as err:
-        raise ChatbotError(f"{path}: {settings_error_message(err)}") from None
+        raise ChatbotError(f"{path}: {_plain(settings_error_message(err))}") from None
     if not scenario.name:
         stem = re.sub(r"[^a-z0-9_-]+", "-", path.stem.lower()).strip("-_")[:40] or "scenario"
         scenario = scenario.model_copy(update={"name": stem})
@@ -364,7 +370,10 @@ def _personas(scenario: Scenario, path: Path, prompts_dir: Path) -> dict[str, Pe
         if variant.file is not None:
             file = Path(variant.file)
             file = file if file.is_absolute() else path.parent / file
-            persona = load_persona(file)
+            try:
+                persona = load_persona(file)
+            except ChatbotError as err:
+                raise ChatbotError(f"{where}`: {err}") from None
             if persona.name != name:
                 raise ChatbotError(f"{where}`: the file {file} holds persona {persona.name!r}; "
                                    f"name it {persona.name!r} here")

@@ -256,6 +256,10 @@ BAD = [
     ('references = ["hi! how are you?"]', 'referenses = ["hi! how are you?"]',
      "`conversations.0.turns.0.referenses` is not a known setting"),
     ("temperature = 1.2", "seed = 5", "`presets.hot.seed` is set by the lab"),
+    ('references = ["hi! how are you?"]', 'references = "hi! how are you?"',
+     "`conversations.0.turns.0.references` must be a list, got 'hi! how are you?'"),
+    ("[presets.short]\nbase = \"greedy\"\nmax_new_tokens = 6", "[presets]\nshort = 6",
+     "`presets.short` must be a table of keys (a mapping in YAML), got 6"),
     ('base = "greedy"', 'base = "greedie"', "`presets.short.base` must be one of greedy, precise"),
     ('from = "tester"', 'from = "nobody"', "`personas.tester-warm.from`: unknown persona 'nobody'"),
     ('description = "Bot is warm."', 'speaker = "A: b"', "`personas.tester-warm.speaker` must be a single line"),
@@ -416,6 +420,11 @@ def test_a_scenario_persona_can_come_from_a_file_but_not_shadow_a_shipped_one(la
                         '[[conversations]]\nturns = ["hi"]\n', encoding="utf-8")
     plan = prepare(scenario, Settings.load(None))
     assert plan.personas["tester-v2"].speaker == "Ava"
+    scenario.write_text(scenario.read_text(encoding="utf-8").replace("drafts/", "draft/"), encoding="utf-8")
+    code, _, err = run(capsys, "lab", scenario)
+    assert code == 2 and err == f"error: {scenario}: `personas.tester-v2`: {lab_env / 'draft' / 'tester-v2.toml'}: " \
+                                "no such persona file\n"
+    scenario.write_text(scenario.read_text(encoding="utf-8").replace("draft/", "drafts/"), encoding="utf-8")
     assert [c.base_preset for c in plan.cells] == ["greedy", "precise"]  # "default": each persona's own preset
 
     scenario.write_text('[grid]\npersonas = ["other"]\n[personas.other]\nfrom = "tester"\n'
