@@ -2,6 +2,7 @@
 the baseline comparison, and the HTML report as headless Chromium renders it."""
 
 import csv
+import io
 import json
 import shutil
 import subprocess
@@ -376,6 +377,56 @@ def test_an_out_folder_that_cannot_be_written_fails_before_anything_runs(lab_env
     # a folder that can be written is tried and left as it was found
     code, out, err = run(capsys, "lab", scenario, "--model", lab_env / "no-model-needed", "--out", lab_env / "a" / "b")
     assert code == 2 and "cannot load model" in err and not (lab_env / "a").exists()
+
+
+HOSTILE = '<script>alert("x")</script> & \'q\', "a,b"\nnext line'
+
+
+def _hostile(value):
+    """Every text of a results document with HOSTILE after it (dict keys that name things too)."""
+    if isinstance(value, dict):
+        named = {"personas", "models", "presets"} & set(value)
+        out = {k: _hostile(v) for k, v in value.items() if k != "format"}
+        for k in named:
+            if isinstance(value[k], dict):
+                out[k] = {name + HOSTILE: _hostile(v) for name, v in value[k].items()}
+        return {**out, **({"format": value["format"]} if "format" in value else {})}
+    if isinstance(value, list):
+        return [_hostile(v) for v in value]
+    return value + HOSTILE if isinstance(value, str) else value
+
+
+def test_text_from_scenarios_personas_and_replies_is_escaped_in_the_report_and_quoted_in_the_csv(lab_run):
+    import html.parser
+
+    from chatbot.lab_html import render_html
+    from chatbot.lab_report import compare, csv_text
+
+    doc = _hostile(json.loads((lab_run["out"] / "results.json").read_text(encoding="utf-8")))
+    page = render_html(doc, compare(doc, {**doc, "_path": "base" + HOSTILE}))
+    assert "<script" not in page and 'alert("x")' not in page
+    assert page.count("&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &#x27;q&#x27;") > 50
+
+    class Tags(html.parser.HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.open = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag not in ("meta", "br", "rect", "line", "circle", "polyline"):
+                self.open.append(tag)
+
+        def handle_endtag(self, tag):
+            if tag not in ("rect", "line", "circle", "polyline"):
+                assert self.open.pop() == tag
+
+    tags = Tags()
+    tags.feed(page)
+    assert tags.open == []  # every element closes where it opened: no text broke out of its place
+
+    rows = list(csv.DictReader(io.StringIO(csv_text(doc))))
+    assert [(r["model"], r["persona"], r["preset"]) for r in rows] == [
+        (c["model"], c["persona"], c["preset"]) for c in doc["cells"]]
 
 
 def test_the_three_files_are_replaced_together_or_not_at_all(lab_run, tmp_path):
