@@ -179,12 +179,23 @@ def _summary(records: list[dict[str, Any]], wall: float) -> dict[str, Any]:
         "latency_p50_s": _percentile(e2e, 0.5), "latency_p90_s": _percentile(e2e, 0.9),
         "latency_p95_s": _percentile(e2e, 0.95), "latency_p99_s": _percentile(e2e, 0.99),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **_gpu_peak(),
     }
+
+
+def _gpu_peak() -> dict[str, float]:
+    """Peak GPU memory of this process, where it used a GPU (the resident set does not count it)."""
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return {}
+    return {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20}
 
 
 def _naive_arm(options: BenchOptions, workload: Workload) -> dict[str, Any]:
     """One `model.generate` per message, one after another, in arrival order (the usual first version)."""
     import torch
+    from transformers import GenerationConfig
     from transformers.generation.streamers import BaseStreamer
 
     gen = _load(options)
@@ -219,10 +230,11 @@ def _naive_arm(options: BenchOptions, workload: Workload) -> dict[str, Any]:
         prompt = history.get(m.conversation, []) + list(m.added_ids)
         ids = torch.tensor([prompt], device=dev)
         streamer = FirstToken()
+        # A config of its own, so a checkpoint's generation settings (a repetition penalty, say) stay out.
+        config = GenerationConfig(max_new_tokens=m.new_tokens, min_new_tokens=m.new_tokens, do_sample=False,
+                                  pad_token_id=gen.tokenizer.pad_token_id, eos_token_id=None)
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=m.new_tokens,
-                                 min_new_tokens=m.new_tokens, do_sample=False, pad_token_id=gen.tokenizer.pad_token_id,
-                                 eos_token_id=None, streamer=streamer)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config, streamer=streamer)
         end = time.perf_counter()
         new = out[0, ids.shape[1]:].tolist()
         history[m.conversation] = prompt + new
@@ -270,12 +282,23 @@ def _batched_arm(options: BenchOptions, workload: Workload) -> dict[str, Any]:
                                 "first": handle.first_token_at or end, "end": end,
                                 "tokens": len(reply)})
 
+    errors: list[BaseException] = []
+
+    def run(ms: list[Message]) -> None:
+        try:
+            conversation(ms)
+        except BaseException as err:  # a thread's exception would otherwise only be printed
+            errors.append(err)
+
     start = time.perf_counter()
-    threads = [threading.Thread(target=conversation, args=(ms,)) for ms in workload.conversations().values()]
+    threads = [threading.Thread(target=run, args=(ms,)) for ms in workload.conversations().values()]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    if errors:
+        sched.close()
+        raise errors[0]
     summary = _summary(records, time.perf_counter() - start)
     summary["outputs"] = outputs
     summary["prefix_cache"] = {"hits": sched.cache.hits, "reused_tokens": sched.cache.reused_tokens,
@@ -291,22 +314,30 @@ def _bandwidth(options: BenchOptions) -> dict[str, Any]:
     gen = _load(options)
     model = gen.model
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    big = torch.empty(64 * 2**20 // 4, dtype=torch.float32)
+    dev = model.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    # On the model's device: a GPU's decode is bound by its own memory, not the host's.
+    big = torch.empty(64 * 2**20 // 4, dtype=torch.float32, device=dev)
     dst = torch.empty_like(big)
     dst.copy_(big)
+    sync()
     t = time.perf_counter()
     for _ in range(10):
         dst.copy_(big)
+    sync()
     copy_s = (time.perf_counter() - t) / 10
     bandwidth = 2 * big.numel() * 4 / copy_s  # read + write
     ids = torch.tensor([[5] * 64], device=model.device)
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+        sync()
         t = time.perf_counter()
         model.generate(ids, max_new_tokens=33, min_new_tokens=33, do_sample=False, pad_token_id=0)
+        sync()
         long = time.perf_counter() - t
         t = time.perf_counter()
         model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
+        sync()
         short = time.perf_counter() - t
     per_token = (long - short) / 32
     bound = weight_bytes / bandwidth
@@ -344,7 +375,10 @@ def run_bench(options: BenchOptions, *, separate_processes: bool = True) -> dict
     naive = run("naive", workload)
     batched = run("batched", workload)
     bound = run("bandwidth", None)
-    keys = sorted(naive["outputs"])[: options.check]
+    # Spread over conversations and turns: a later turn reads a prefix the batch left in the cache.
+    every = sorted(naive["outputs"], key=lambda k: tuple(int(x) for x in k.split(":")))
+    picks = min(options.check, len(every))
+    keys = [every[round(i * (len(every) - 1) / max(1, picks - 1))] for i in range(picks)]
     same = sum(naive["outputs"][k] == batched["outputs"][k] for k in keys)
     prompt_tokens = [m.prompt_len for m in workload.messages]
     return {
@@ -385,6 +419,8 @@ def format_report(report: dict[str, Any]) -> str:
     row("latency p95 (s)", "latency_p95_s", ".2f")
     row("latency p99 (s)", "latency_p99_s", ".2f")
     row("peak memory (MB)", "peak_rss_mb", ".0f")
+    if "peak_gpu_mb" in n and "peak_gpu_mb" in b:
+        row("peak GPU memory (MB)", "peak_gpu_mb", ".0f")
     pc = b.get("prefix_cache", {})
     bw = report["bandwidth"]
     lines += [

@@ -103,6 +103,10 @@ class PrefixCache:
         self.reused_tokens += best
         return best, [(k[:, :, :best], v[:, :, :best]) for k, v in self._entries[best_key]]
 
+    def clear(self) -> None:
+        self._entries.clear()
+        self._bytes = 0
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -163,8 +167,10 @@ class _Block:
         heads = cfg.num_attention_heads
         shape = (rows, heads, columns, cfg.hidden_size // heads)
         self.columns = columns
-        self.k = [torch.empty(shape, dtype=model.dtype, device=model.device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.empty(shape, dtype=model.dtype, device=model.device) for _ in range(cfg.num_hidden_layers)]
+        # Zeros, not `empty`: a padding column is masked out of attention, but its value still
+        # meets a zero weight, and 0 * NaN from uninitialised memory would be NaN.
+        self.k = [torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(cfg.num_hidden_layers)]
 
     def cache(self, rows: slice, lo: int, at: int) -> Any:
         from transformers import DynamicCache
@@ -215,6 +221,8 @@ class _Sequence:
     """`time.perf_counter()` when the first reply token was decoded."""
     read: int = 0
     """Prompt tokens whose keys/values are in the staging row."""
+    abandoned: bool = False
+    """The stream's consumer left: end the row even without a cancel event."""
 
 
 class BatchingGenerator:
@@ -255,9 +263,20 @@ class BatchingGenerator:
         self._end = 0
         self._pending: deque[_Sequence] = deque()
         self._staged: _Sequence | None = None
-        self._rows: _Block | None = None
-        self._stage: _Block | None = None
-        self._incoming: queue.Queue[_Sequence] = queue.Queue(maxsize=max_queue)
+        self._fit: int | None = None
+        """Rows a decode step ran with after running out of memory (None: all of them)."""
+        # Allocated once, here, so that a `max_batch` too large for the device fails now.
+        import torch
+
+        try:
+            self._rows = _Block(self.model, max_batch, self.context_size + SPARE_COLUMNS)
+            self._stage = _Block(self.model, 1, self.context_size)
+        except (MemoryError, torch.OutOfMemoryError) as err:
+            raise ChatbotError(f"no memory for the keys/values of `max_batch` {max_batch} replies of up to "
+                               f"{self.context_size} tokens ({type(err).__name__}); lower `max_batch`") from None
+        self._waiting: deque[_Sequence] = deque()
+        """Submitted, not yet taken by the scheduler; at most `max_queue`. Guarded by `_lock`."""
+        self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
         self.steps = 0
@@ -280,7 +299,8 @@ class BatchingGenerator:
         return self.base.count_tokens(text)
 
     def close(self) -> None:
-        self._closed = True
+        with self._lock:  # no request can be queued after this
+            self._closed = True
         self._wake.set()
         self._thread.join(timeout=10)
 
@@ -313,24 +333,26 @@ class BatchingGenerator:
                 else:
                     return
         finally:
-            if seq.done is None and request.cancel is not None:
-                request.cancel.set()  # the consumer left early: the row ends at its next step
+            if seq.done is None:  # the consumer left early: the row ends at its next step
+                seq.abandoned = True
+                if request.cancel is not None:
+                    request.cancel.set()
 
     # ------------------------------------------------------------------ submitting
 
     def _submit(self, request: GenerationRequest, *, stream: bool,
                 prompt_ids: Sequence[int] | None = None) -> _Sequence:
-        if self._closed:
-            raise ChatbotError("the generator is closed")
         seq = self._new_sequence(request, prompt_ids)
         if stream:
             seq.pieces = queue.Queue()
         else:
             seq.future = Future()
-        try:
-            self._incoming.put_nowait(seq)
-        except queue.Full:
-            raise GeneratorBusy(f"the model has {self.max_queue} replies waiting; try again in a moment") from None
+        with self._lock:
+            if self._closed:
+                raise ChatbotError("the generator is closed")
+            if len(self._waiting) >= self.max_queue:
+                raise GeneratorBusy(f"the model has {self.max_queue} replies waiting; try again in a moment")
+            self._waiting.append(seq)
         self._wake.set()
         return seq
 
@@ -396,28 +418,38 @@ class BatchingGenerator:
                 if isinstance(err, torch.OutOfMemoryError) and torch.cuda.is_available():
                     torch.cuda.empty_cache()
         closed = ChatbotError("the generator is closed")
-        for seq in self._in_flight():
+        with self._lock:
+            left, self._waiting = [*self._in_flight(), *self._waiting], deque()
+        for seq in left:
             self._fail(seq, closed)
-        while True:
-            try:
-                self._fail(self._incoming.get_nowait(), closed)
-            except queue.Empty:
-                break
 
     def _in_flight(self) -> list[_Sequence]:
         return [*self._batch, *([self._staged] if self._staged else []), *self._pending]
 
     def _admit(self) -> None:
-        """Take queued requests while the batch has room for them."""
-        while len(self._batch) + len(self._pending) + (self._staged is not None) < self.max_batch:
-            try:
-                self._pending.append(self._incoming.get_nowait())
-            except queue.Empty:
-                break
+        """End queued requests that were cancelled or ran out of time (their callers and queue
+        places are freed at once), and take the others while the batch has room for them."""
+        with self._lock:
+            gone = [seq for seq in self._waiting if self._gone(seq)]
+            if gone:
+                ended = {id(seq) for seq in gone}
+                self._waiting = deque(seq for seq in self._waiting if id(seq) not in ended)
+            room = self.max_batch - len(self._batch) - len(self._pending) - (self._staged is not None)
+            taken = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+        for seq in gone:
+            self._over(seq)
+        self._pending.extend(taken)
+
+    @staticmethod
+    def _gone(seq: _Sequence) -> bool:
+        return seq.abandoned or (seq.request.cancel is not None and seq.request.cancel.is_set()) or \
+            time.perf_counter() > seq.deadline
 
     def _over(self, seq: _Sequence) -> bool:
         """Ends a request that was cancelled or ran out of time before it could start decoding."""
-        if seq.request.cancel is not None and seq.request.cancel.is_set():
+        if seq.delivered:
+            return True
+        if seq.abandoned or (seq.request.cancel is not None and seq.request.cancel.is_set()):
             seq.done = "cancelled"
         elif time.perf_counter() > seq.deadline:
             seq.done = "time"
@@ -444,31 +476,30 @@ class BatchingGenerator:
                 seq = self._pending.popleft()
                 if self._over(seq):
                     continue
+                self._staged = seq  # from here until it is in the batch, a failure reaches it through `_staged`
                 self._start_reading(seq)
             elif self._over(seq):
                 self._staged = None
                 continue
             todo = len(seq.ids) - 1 - seq.read
             if todo:
-                want = min(todo, self.prefill_chunk, budget if self._batch else todo)
+                allowed = budget if self._batch else todo  # nobody is waiting on an empty batch
                 try:
-                    budget -= self._read_chunk(seq, want)
+                    budget -= self._read_chunk(seq, min(todo, self.prefill_chunk, allowed))
                 except torch.OutOfMemoryError as err:  # even one token at a time did not fit: this request fails
                     self._staged = None
                     self._fail(seq, err)
                     continue
             if seq.read == len(seq.ids) - 1:
-                self._staged = None
                 self._place(seq)
+                self._staged = None
 
     def _start_reading(self, seq: _Sequence) -> None:
         n, kv = self.cache.longest(seq.ids[:-1])
-        stage = self._stage_block()
         for layer, (k, v) in enumerate(kv or []):
-            stage.k[layer][0, :, :n] = k[0]
-            stage.v[layer][0, :, :n] = v[0]
+            self._stage.k[layer][0, :, :n] = k[0]
+            self._stage.v[layer][0, :, :n] = v[0]
         seq.read = n
-        self._staged = seq
 
     def _read_chunk(self, seq: _Sequence, m: int) -> int:
         """Read ``m`` more prompt tokens into the staging row (fewer per pass if memory runs out)."""
@@ -482,7 +513,7 @@ class BatchingGenerator:
                 # Only the last position's logits could matter, and none are used here: skipping the
                 # vocabulary projection saves about a quarter of a GPT-2 124M prompt read.
                 self.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1,
-                           past_key_values=self._stage_block().cache(slice(0, 1), 0, seq.read))
+                           past_key_values=self._stage.cache(slice(0, 1), 0, seq.read))
                 seq.read += m
                 return m
             except torch.OutOfMemoryError:
@@ -495,23 +526,14 @@ class BatchingGenerator:
         import torch
 
         self.oom_retries += 1
-        log.warning("out of memory: retrying with a smaller piece of work")
+        log.warning("out of memory: dropping the prefix cache and retrying with a smaller piece of work")
+        self.cache.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _stage_block(self) -> _Block:
-        if self._stage is None:
-            self._stage = _Block(self.model, 1, self.context_size)
-        return self._stage
-
-    def _rows_block(self) -> _Block:
-        if self._rows is None:
-            self._rows = _Block(self.model, self.max_batch, self.context_size + SPARE_COLUMNS)
-        return self._rows
-
     def _place(self, seq: _Sequence) -> None:
         """Move a read prompt into the batch: its keys/values end at the batch's shared write column."""
-        rows = self._rows_block()
+        rows = self._rows
         length = len(seq.ids) - 1
         if not self._batch:
             self._end = length
@@ -521,7 +543,7 @@ class BatchingGenerator:
             self._end = length
             self.moves += 1
         i, start = len(self._batch), self._end - length
-        stage = self._stage_block()
+        stage = self._stage
         for layer in range(len(rows.k)):
             rows.k[layer][i, :, start:self._end] = stage.k[layer][0, :, :length]
             rows.v[layer][i, :, start:self._end] = stage.v[layer][0, :, :length]
@@ -532,19 +554,22 @@ class BatchingGenerator:
         """One token for every row of the batch."""
         import torch
 
-        rows = self._rows_block()
+        rows = self._rows
         if self._end >= rows.columns:  # no room for this step's column: drop the padding on the left
             lo = min(self._starts)
             rows.shift(len(self._batch), lo, self._end, -lo)
             self._starts = [s - lo for s in self._starts]
             self._end -= lo
             self.moves += 1
-        logits = self._forward_rows(0, len(self._batch))
+        n = len(self._batch)
+        size = self._fit or n
+        logits = torch.cat([self._forward_rows(a, min(a + size, n)) for a in range(0, n, size)])
         self._end += 1
         self.steps += 1
         self.rows_stepped += len(self._batch)
         dev = self.model.device
-        suppress = self.base._blank_start_ids()
+        # An id past the model's vocabulary (a token added to the tokenizer only) cannot be generated anyway.
+        suppress = [i for i in self.base._blank_start_ids() if i < logits.shape[-1]]
         for row, seq in enumerate(self._batch):
             if seq.done is not None:
                 continue
@@ -580,15 +605,16 @@ class BatchingGenerator:
             columns = torch.arange(lo, end + 1, device=dev)
             mask = (columns[None, :] >= torch.tensor(starts, device=dev)[:, None]).long()
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             past_key_values=self._rows_block().cache(slice(a, b), lo, end))
+                             past_key_values=self._rows.cache(slice(a, b), lo, end))
             return out.logits[:, -1, :].float()
         except torch.OutOfMemoryError as err:
             if b - a == 1:  # one row alone does not fit: it fails, the others go on
                 self._fail(seqs[0], err)
-                return torch.zeros((1, self.model.config.vocab_size), device=dev)
+                return torch.zeros((1, self.model.get_output_embeddings().out_features), device=dev)
             self._after_oom()
             self.splits += 1
             mid = (a + b) // 2
+            self._fit = mid - a  # later steps go in pieces that fit, until the batch empties
             return torch.cat([self._forward_rows(a, mid), self._forward_rows(mid, b)])
 
     def _advance(self, seq: _Sequence, token: int) -> None:
@@ -607,7 +633,7 @@ class BatchingGenerator:
                 seq.done = "length"
             elif time.perf_counter() > seq.deadline:
                 seq.done = "time"
-            elif seq.request.cancel is not None and seq.request.cancel.is_set():
+            elif seq.abandoned or (seq.request.cancel is not None and seq.request.cancel.is_set()):
                 seq.done = "cancelled"
             elif len(seq.ids) >= self.context_size:
                 seq.done = "length"
@@ -664,14 +690,19 @@ class BatchingGenerator:
 
     def _leave(self) -> None:
         """Finished rows leave; their keys/values go to the prefix cache, and the last row takes their place."""
-        rows = self._rows_block()
+        import torch
+
+        rows = self._rows
         end = self._end
         for i in reversed([i for i, s in enumerate(self._batch) if s.done is not None]):
             seq, start = self._batch[i], self._starts[i]
             if seq.done != "error" and self.cache.max_bytes:
                 # The row holds ids[:-1]: the prompt and the reply but its last token.
-                kv = [tuple(t.clone() for t in rows.row(layer, i, start, end)) for layer in range(len(rows.k))]
-                self.cache.put(seq.ids[: end - start], kv)
+                try:
+                    kv = [tuple(t.clone() for t in rows.row(layer, i, start, end)) for layer in range(len(rows.k))]
+                    self.cache.put(seq.ids[: end - start], kv)
+                except torch.OutOfMemoryError:  # keeping it is only a saving for later
+                    self._after_oom()
             last = len(self._batch) - 1
             if i != last:
                 lo = self._starts[last]
@@ -680,3 +711,5 @@ class BatchingGenerator:
                 self._batch[i], self._starts[i] = self._batch[last], self._starts[last]
             self._batch.pop()
             self._starts.pop()
+        if not self._batch:
+            self._fit = None

@@ -333,3 +333,116 @@ def test_a_row_that_does_not_fit_alone_fails_and_the_others_finish(roomy_gen, mo
         assert sched.generate([GenerationRequest(PROMPTS[0], GREEDY, STOPS)])[0].completion_tokens > 0
     finally:
         sched.close()
+
+
+def wait_for(condition, timeout=30.0):
+    import time
+
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_request_cancelled_while_decoding_ends_at_its_next_token(sched):
+    cancel = threading.Event()
+    long = DecodingSettings(temperature=0, max_new_tokens=200, max_time=60)
+    handle = sched.submit(GenerationRequest(PROMPTS[1], long, (), cancel=cancel))
+    wait_for(lambda: handle.first_token_at > 0)
+    cancel.set()
+    assert handle.future.result(timeout=60).completion_tokens < 200
+
+
+def test_leaving_a_stream_early_ends_its_row_without_a_cancel_event(roomy_gen):
+    sched = BatchingGenerator(roomy_gen)
+    try:
+        long = DecodingSettings(temperature=0, max_new_tokens=200, max_time=60)
+        pieces = sched.stream(GenerationRequest("ada: tell me everything\nBot:", long, ()))
+        next(pieces)
+        pieces.close()
+        wait_for(lambda: not sched._batch and sched._staged is None)
+        assert sched.rows_stepped < 150, "the row ran on after its reader left"
+    finally:
+        sched.close()
+
+
+def test_a_cancelled_request_still_queued_frees_its_place_at_once(roomy_gen):
+    sched = BatchingGenerator(roomy_gen, max_batch=1, max_queue=1)
+    try:
+        long = DecodingSettings(temperature=0, max_new_tokens=150, max_time=60)
+        running = sched.submit(GenerationRequest(PROMPTS[2], long, ()))
+        wait_for(lambda: running.first_token_at > 0)
+        cancel = threading.Event()
+        queued = sched.submit(GenerationRequest(PROMPTS[1], GREEDY, (), cancel=cancel))
+        with pytest.raises(GeneratorBusy):
+            sched.submit(GenerationRequest(PROMPTS[0], GREEDY, STOPS))
+        cancel.set()
+        assert queued.future.result(timeout=60).completion_tokens == 0
+        assert not running.future.done(), "the cancelled request waited for the running one"
+        later = sched.submit(GenerationRequest(PROMPTS[0], GREEDY, STOPS))  # its place is free again
+        assert later.future.result(timeout=60).completion_tokens > 0
+    finally:
+        sched.close()
+
+
+def test_closing_ends_every_request_queued_running_or_streaming(roomy_gen):
+    sched = BatchingGenerator(roomy_gen, max_batch=2)
+    long = DecodingSettings(temperature=0, max_new_tokens=200, max_time=60)
+    handles = [sched.submit(GenerationRequest(p, long, ())) for p in PROMPTS]
+    pieces = sched.stream(GenerationRequest(PROMPTS[0], long, ()))
+    wait_for(lambda: handles[0].first_token_at > 0)
+    sched.close()
+    for h in handles:
+        wait_for(h.future.done)
+    with pytest.raises(Exception, match="closed"):
+        list(pieces)
+    with pytest.raises(Exception, match="closed"):
+        sched.generate([GenerationRequest(PROMPTS[0], GREEDY, STOPS)])
+
+
+def test_a_failure_while_a_read_prompt_joins_the_batch_fails_that_request_only(roomy_gen, sched, monkeypatch):
+    real = sched._place
+    calls = []
+
+    def failing(seq):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("no room (simulated)")
+        return real(seq)
+
+    monkeypatch.setattr(sched, "_place", failing)
+    first = sched.submit(GenerationRequest(PROMPTS[0], GREEDY, STOPS))
+    with pytest.raises(RuntimeError, match="no room"):
+        first.future.result(timeout=60)
+    assert sched.generate([GenerationRequest(PROMPTS[1], GREEDY, STOPS)])[0].completion_tokens > 0
+
+
+def test_running_out_of_memory_keeping_a_finished_row_costs_only_the_saving(roomy_gen, sched, monkeypatch):
+    import chatbot.scheduler as scheduler
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("out of memory (simulated: copying a finished row)")
+
+    monkeypatch.setattr(scheduler._Block, "row", no_memory)
+    short = sched.submit(GenerationRequest(PROMPTS[1], GREEDY.model_copy(update={"max_new_tokens": 2}), ()))
+    other = sched.submit(GenerationRequest(PROMPTS[2], GREEDY, ()))
+    assert short.future.result(timeout=60).completion_tokens == 2
+    assert other.future.result(timeout=60).completion_tokens > 0
+    assert len(sched.cache) == 0 and sched.oom_retries > 0
+
+
+def test_a_blank_start_id_past_the_models_vocabulary_is_ignored(roomy_gen, sched, monkeypatch):
+    monkeypatch.setattr(roomy_gen, "_begin_suppress", [*roomy_gen._blank_start_ids(), 10**6])
+    alone = roomy_gen.generate([GenerationRequest(PROMPTS[0], GREEDY, STOPS)])[0]
+    assert sched.generate([GenerationRequest(PROMPTS[0], GREEDY, STOPS)])[0].text == alone.text
+
+
+def test_a_max_batch_too_large_for_memory_is_refused_at_start(roomy_gen, monkeypatch):
+    from chatbot.errors import ChatbotError
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("out of memory (simulated)")
+
+    monkeypatch.setattr(torch, "zeros", no_memory)
+    with pytest.raises(ChatbotError, match="lower `max_batch`"):
+        BatchingGenerator(roomy_gen, max_batch=256)
