@@ -40,11 +40,18 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import ChatbotError
-from .generation import GenerationRequest, GenerationResult, LocalGenerator, _stop_prefix_len, _trim_to_sentence
+from .generation import (
+    EMPTY_RETRIES,
+    GenerationRequest,
+    GenerationResult,
+    LocalGenerator,
+    _stop_prefix_len,
+    _trim_to_sentence,
+)
 from .prompting import cut_at_stop
 
 __all__ = ["BatchingGenerator", "GeneratorBusy", "PrefixCache"]
@@ -223,6 +230,8 @@ class _Sequence:
     """Prompt tokens whose keys/values are in the staging row."""
     abandoned: bool = False
     """The stream's consumer left: end the row even without a cancel event."""
+    attempt: int = 0
+    """Earlier tries that came out empty (sampled replies are tried again)."""
 
 
 class BatchingGenerator:
@@ -664,6 +673,9 @@ class BatchingGenerator:
     def _finish(self, seq: _Sequence) -> None:
         if seq.delivered:
             return
+        if seq.done == "stop" and not seq.text.strip() and seq.warpers is not None and seq.attempt < EMPTY_RETRIES:
+            self._sample_again(seq)
+            return
         seq.delivered = True
         reason = seq.done or "stop"
         text = seq.text
@@ -677,6 +689,20 @@ class BatchingGenerator:
             seq.future.set_result(result)
         if seq.pieces is not None:
             seq.pieces.put(("end", result))
+
+    def _sample_again(self, seq: _Sequence) -> None:
+        """A sampled reply that came out empty is sampled again with another seed, as
+        `LocalGenerator.generate` does; its caller sees only the new try."""
+        seed = seq.request.settings.seed
+        request = seq.request
+        if seed is not None:
+            request = replace(request, settings=request.settings.model_copy(update={"seed": seed + seq.attempt + 1}))
+        again = self._new_sequence(request, seq.ids[: seq.prompt_len])
+        again.request = seq.request  # the caller's cancel event and settings stay the ones it holds
+        again.future, again.pieces, again.attempt = seq.future, seq.pieces, seq.attempt + 1
+        again.deadline, again.started = seq.deadline, seq.started
+        seq.delivered = True  # this try is over; its row leaves as usual
+        self._pending.appendleft(again)
 
     def _fail(self, seq: _Sequence, err: BaseException) -> None:
         if seq.delivered:

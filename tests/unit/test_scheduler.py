@@ -446,3 +446,25 @@ def test_a_max_batch_too_large_for_memory_is_refused_at_start(roomy_gen, monkeyp
     monkeypatch.setattr(torch, "zeros", no_memory)
     with pytest.raises(ChatbotError, match="lower `max_batch`"):
         BatchingGenerator(roomy_gen, max_batch=256)
+
+
+def test_a_sampled_reply_that_comes_out_empty_is_sampled_again(sched, monkeypatch):
+    real = sched._advance
+    tries = []
+
+    def first_try_empty(seq, token):
+        tries.append(seq.attempt)
+        if seq.attempt == 0:  # the model closed its turn at once
+            seq.done, seq.text = "stop", ""
+            sched._finish(seq)
+            return
+        real(seq, token)
+
+    monkeypatch.setattr(sched, "_advance", first_try_empty)
+    sampled = DecodingSettings(temperature=0.9, max_new_tokens=6, seed=3, max_time=60)
+    result = sched.generate([GenerationRequest(PROMPTS[0], sampled, ())])[0]
+    assert 0 in tries and 1 in tries
+    assert result.text and result.completion_tokens > 0
+    before = len(tries)
+    greedy = sched.generate([GenerationRequest(PROMPTS[0], GREEDY.model_copy(update={"max_new_tokens": 6}), ())])[0]
+    assert greedy.text == "" and tries[before:] == [0]  # greedy would only say the same again: one try
