@@ -79,6 +79,18 @@ def _tick_text(value: float) -> str:
     return f"{value:g}"
 
 
+def _frame(title: str, width: int, height: int, left: int, right: int, ticks: Sequence[float],
+           y: Any) -> list[str]:
+    """The opening of a chart: the svg element, its title, and a grid line with its label per tick."""
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" role="img" aria-label="{_e(title)}">',
+           f"<title>{_e(title)}</title>", f'<text class="title" x="{left}" y="16">{_e(title)}</text>']
+    for t in ticks:
+        out.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y(t):.1f}" y2="{y(t):.1f}"/>')
+        out.append(f'<text x="{left - 4}" y="{y(t) + 4:.1f}" text-anchor="end">{_tick_text(t)}</text>')
+    return out
+
+
 def bar_chart(title: str, groups: Sequence[str], series: Sequence[str], values: Mapping[tuple[str, str], float | None],
               baseline: Mapping[tuple[str, str], float | None] | None = None, number: str = "{:.3g}") -> str:
     """Grouped bars: one group per entry of ``groups``, one bar per entry of ``series`` in each.
@@ -96,12 +108,7 @@ def bar_chart(title: str, groups: Sequence[str], series: Sequence[str], values: 
     def y(v: float) -> float:
         return top + plot_h - plot_h * (v / y_max if y_max else 0)
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img" aria-label="{_e(title)}">',
-           f"<title>{_e(title)}</title>", f'<text class="title" x="{left}" y="16">{_e(title)}</text>']
-    for t in ticks:
-        out.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y(t):.1f}" y2="{y(t):.1f}"/>')
-        out.append(f'<text x="{left - 4}" y="{y(t) + 4:.1f}" text-anchor="end">{_tick_text(t)}</text>')
+    out = _frame(title, width, height, left, right, ticks, y)
     out.append(f'<line class="axis" x1="{left}" x2="{width - right}" y1="{y(0):.1f}" y2="{y(0):.1f}"/>')
     group_w = plot_w / max(len(groups), 1)
     bar_w = min(28.0, group_w * 0.8 / max(len(series), 1))
@@ -148,12 +155,7 @@ def line_chart(title: str, x_label: str, points: Mapping[str, Sequence[tuple[flo
     def py(v: float) -> float:
         return top + plot_h - plot_h * (v / y_max if y_max else 0)
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img" aria-label="{_e(title)}">',
-           f"<title>{_e(title)}</title>", f'<text class="title" x="{left}" y="16">{_e(title)}</text>']
-    for t in ticks:
-        out.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{py(t):.1f}" y2="{py(t):.1f}"/>')
-        out.append(f'<text x="{left - 4}" y="{py(t) + 4:.1f}" text-anchor="end">{_tick_text(t)}</text>')
+    out = _frame(title, width, height, left, right, ticks, py)
     for x in sorted(set(xs)):
         out.append(f'<line class="axis" x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{py(0):.1f}" y2="{py(0) + 4:.1f}"/>')
         out.append(f'<text x="{px(x):.1f}" y="{py(0) + 16:.1f}" text-anchor="middle">{_tick_text(x)}</text>')

@@ -76,16 +76,21 @@ def tiny_prompts(tmp_path):
 @pytest.fixture(scope="session")
 def roomy_gen(tiny_tokenizer, tmp_path_factory):
     """A tiny GPT-2 generator with a 256-token context: room for a few turns, small enough to overflow."""
+    from chatbot.generation import LocalGenerator
+
+    out = save_tiny_gpt2(tiny_tokenizer, tmp_path_factory.mktemp("roomy-gpt2"), context=256)
+    return LocalGenerator.from_pretrained(out, device="cpu")
+
+
+def save_tiny_gpt2(tokenizer, out, *, context: int):
+    """A tiny GPT-2 (seeded, so always the same weights) and ``tokenizer`` saved as a model directory."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from chatbot.generation import LocalGenerator
-
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=tiny_tokenizer.eos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=context, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                         chatbot_prompt_format="transcript")
-    out = tmp_path_factory.mktemp("roomy-gpt2")
     GPT2LMHeadModel(config).save_pretrained(out)
-    tiny_tokenizer.save_pretrained(out)
-    return LocalGenerator.from_pretrained(out, device="cpu")
+    tokenizer.save_pretrained(out)
+    return out

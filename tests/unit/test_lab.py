@@ -15,6 +15,8 @@ from chatbot.config import Settings
 from chatbot.lab import prepare, turn_seed
 from chatbot.lab_report import VOLATILE
 
+from ..conftest import save_tiny_gpt2
+
 REPO = Path(__file__).resolve().parents[2]
 
 SCENARIO = """
@@ -52,17 +54,7 @@ turns = ["do you have any pets?"]
 @pytest.fixture(scope="module")
 def lab_model(tiny_tokenizer, tmp_path_factory):
     """The tiny GPT-2 of the other unit tests, saved once for every lab run in this module."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=tiny_tokenizer.eos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
-                        chatbot_prompt_format="transcript")
-    out = tmp_path_factory.mktemp("lab-gpt2")
-    GPT2LMHeadModel(config).save_pretrained(out)
-    tiny_tokenizer.save_pretrained(out)
-    return out
+    return save_tiny_gpt2(tiny_tokenizer, tmp_path_factory.mktemp("lab-gpt2"), context=64)
 
 
 @pytest.fixture(scope="module")

@@ -274,16 +274,21 @@ def test_rows_leaving_and_joining_at_every_length_keep_their_tokens(tiny_dir, mo
     assert [r.text for r in batched] == [r.text for r in alone]
 
 
-def test_out_of_memory_in_a_decode_step_splits_the_batch_and_every_request_succeeds(roomy_gen, monkeypatch):
-    alone = [roomy_gen.generate([r])[0] for r in requests()]
-    real = roomy_gen.model.forward
+def out_of_memory_when(gen, monkeypatch, too_big, what):
+    """The model's forward raises out-of-memory for input ids that are ``too_big``."""
+    real = gen.model.forward
 
-    def small_batches_only(*args, **kwargs):
-        if kwargs["input_ids"].shape[0] > 1:
-            raise torch.OutOfMemoryError("out of memory (simulated: more than one row)")
+    def forward(*args, **kwargs):
+        if too_big(kwargs["input_ids"]):
+            raise torch.OutOfMemoryError(f"out of memory (simulated: {what})")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(roomy_gen.model, "forward", small_batches_only)
+    monkeypatch.setattr(gen.model, "forward", forward)
+
+
+def test_out_of_memory_in_a_decode_step_splits_the_batch_and_every_request_succeeds(roomy_gen, monkeypatch):
+    alone = [roomy_gen.generate([r])[0] for r in requests()]
+    out_of_memory_when(roomy_gen, monkeypatch, lambda ids: ids.shape[0] > 1, "more than one row")
     sched = BatchingGenerator(roomy_gen, max_batch=8)
     try:
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
@@ -296,14 +301,7 @@ def test_out_of_memory_in_a_decode_step_splits_the_batch_and_every_request_succe
 
 def test_out_of_memory_reading_a_prompt_reads_it_in_smaller_pieces(roomy_gen, monkeypatch):
     alone = roomy_gen.generate([GenerationRequest(LONG, GREEDY, STOPS)])[0]
-    real = roomy_gen.model.forward
-
-    def short_reads_only(*args, **kwargs):
-        if kwargs["input_ids"].shape[1] > 5:
-            raise torch.OutOfMemoryError("out of memory (simulated: more than 5 tokens)")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(roomy_gen.model, "forward", short_reads_only)
+    out_of_memory_when(roomy_gen, monkeypatch, lambda ids: ids.shape[1] > 5, "more than 5 tokens")
     sched = BatchingGenerator(roomy_gen)
     try:
         assert sched.generate([GenerationRequest(LONG, GREEDY, STOPS)])[0].text == alone.text
