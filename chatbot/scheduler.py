@@ -576,30 +576,37 @@ class BatchingGenerator:
         self._end += 1
         self.steps += 1
         self.rows_stepped += len(self._batch)
-        dev = self.model.device
         # An id past the model's vocabulary (a token added to the tokenizer only) cannot be generated anyway.
         suppress = [i for i in self.base._blank_start_ids() if i < logits.shape[-1]]
         for row, seq in enumerate(self._batch):
             if seq.done is not None:
                 continue
-            scores = logits[row: row + 1]
-            if len(seq.ids) == seq.prompt_len and not self.ignore_eos:  # the first reply token: not an empty turn
-                scores = scores.clone()
-                scores[:, suppress] = float("-inf")
-            row_ids = torch.tensor([seq.ids], device=dev)
-            if seq.processors:
-                scores = seq.processors(row_ids, scores)
-            if seq.warpers is None:
-                token = int(scores.argmax(dim=-1))
-            else:
-                scores = seq.warpers(row_ids, scores)
-                probs = torch.softmax(scores, dim=-1)
-                token = int(torch.multinomial(probs, 1, generator=seq.sampler))
+            try:
+                token = self._choose(seq, logits[row: row + 1], suppress)
+            except Exception as err:  # one request's settings or processors failing end that request only
+                log.exception("choosing a token failed")
+                self._fail(seq, err)
+                continue
             seq.ids.append(token)
             seq.generated.append(token)
             if len(seq.generated) == 1:
                 seq.first_token_at = time.perf_counter()
             self._advance(seq, token)
+
+    def _choose(self, seq: _Sequence, scores: Any, suppress: list[int]) -> int:
+        """The next token of one row: its processors, then greedy or its own sampler."""
+        import torch
+
+        if len(seq.ids) == seq.prompt_len and not self.ignore_eos:  # the first reply token: not an empty turn
+            scores = scores.clone()
+            scores[:, suppress] = float("-inf")
+        row_ids = torch.tensor([seq.ids], device=scores.device)
+        if seq.processors:
+            scores = seq.processors(row_ids, scores)
+        if seq.warpers is None:
+            return int(scores.argmax(dim=-1))
+        probs = torch.softmax(seq.warpers(row_ids, scores), dim=-1)
+        return int(torch.multinomial(probs, 1, generator=seq.sampler))
 
     def _forward_rows(self, a: int, b: int) -> Any:
         """Logits of the next token for rows ``a:b``; out of memory, the rows go in two halves."""

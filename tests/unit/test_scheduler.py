@@ -466,3 +466,23 @@ def test_a_sampled_reply_that_comes_out_empty_is_sampled_again(sched, monkeypatc
     before = len(tries)
     greedy = sched.generate([GenerationRequest(PROMPTS[0], GREEDY.model_copy(update={"max_new_tokens": 6}), ())])[0]
     assert greedy.text == "" and tries[before:] == [0]  # greedy would only say the same again: one try
+
+
+def test_a_request_whose_processor_fails_ends_alone(roomy_gen, sched, monkeypatch):
+    real = roomy_gen._logits_processors
+
+    def processors(requests, settings, prompt_len):
+        out = real(requests, settings, prompt_len)
+        if requests[0].prompt == PROMPTS[1]:
+            def broken(ids, scores):
+                raise ValueError("a broken logits processor (simulated)")
+            out.append(broken)
+        return out
+
+    monkeypatch.setattr(roomy_gen, "_logits_processors", processors)
+    alone = roomy_gen.generate([GenerationRequest(PROMPTS[2], GREEDY, STOPS)])[0]
+    broken = sched.submit(GenerationRequest(PROMPTS[1], GREEDY, STOPS))
+    kept = sched.submit(GenerationRequest(PROMPTS[2], GREEDY, STOPS))
+    with pytest.raises(ValueError, match="broken"):
+        broken.future.result(timeout=60)
+    assert kept.future.result(timeout=60).text == alone.text
