@@ -51,6 +51,10 @@ def _decoding(args: argparse.Namespace, default_preset: str = "balanced") -> Any
     return apply_overrides(get_preset(args.preset or default_preset), make_overrides(_overrides(args)))
 
 
+def _config_option(p: argparse.ArgumentParser, what: str = "settings file (TOML)") -> None:
+    p.add_argument("--config", default=None, help=f"{what}; default: chatbot.toml in this folder if there is one")
+
+
 def _model_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="model directory, or a hub name already in the local cache (default: the shipped model)")
@@ -121,8 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="A conversation with the engine: what is said is stored (SQLite, see --memory) and "
                                    "the bot remembers it the next time. Reads lines from stdin when piped and prints "
                                    "one line per line read. Inside the chat, /help lists the commands.")
-    c.add_argument("--config", default=None,
-                   help="settings file (TOML); default: chatbot.toml in this folder if there is one")
+    _config_option(c)
     _model_option(c)
     c.add_argument("--memory", default=None, help="SQLite file for conversations, ':memory:' to forget on exit "
                                                   "(default: the settings' memory_path, chatbot.sqlite3)")
@@ -139,8 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Log in to Discord with the token in DISCORD_TOKEN (or discord_token in the "
                                    "settings file) and answer mentions, replies, DMs and the configured channels "
                                    "until Ctrl-C or SIGTERM. Memory is the same SQLite file the terminal chat uses.")
-    d.add_argument("--config", default=None,
-                   help="settings file (TOML); default: chatbot.toml in this folder if there is one")
+    _config_option(d)
     _model_option(d)
     d.add_argument("--memory", default=None, help="SQLite file for conversations (default: the settings' memory_path)")
     d.add_argument("--persona", default=None, help="persona for channels that have not chosen one (default: the settings')")
@@ -201,8 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="an earlier run's results.json (or its folder): show what changed, cell by cell")
     lab.add_argument("--seed", type=int, default=None, help="replace the scenario's seed")
     lab.add_argument("--samples", type=int, default=None, help="replace the scenario's samples per cell")
-    lab.add_argument("--config", default=None,
-                     help="settings file (TOML) for safety, repetition and decoding; default: chatbot.toml here if any")
+    _config_option(lab, "settings file (TOML) for safety, repetition and decoding")
     _model_option(lab)
 
     se = sub.add_parser("safety-eval", parents=[common], help="precision, recall and false positives of the output filter",

@@ -33,13 +33,22 @@ def settings_error_message(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def read_text(path: Path, what: str, *, name: str | None = None) -> str:
+    """A text file's contents; a missing or unreadable file is a `ChatbotError` naming it
+    (as ``name``, default the path; ``what`` says what it is)."""
+    where = name or str(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ChatbotError(f"{where}: no such {what}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ChatbotError(f"{where}: cannot read ({err})") from None
+
+
 def read_toml(path: Path, what: str) -> dict[str, Any]:
     """A TOML file's table; any problem is a `ChatbotError` naming the file (``what`` says what it is)."""
+    text = read_text(path, what)
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ChatbotError(f"{path}: no such {what}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ChatbotError(f"{path}: cannot read ({err})") from None
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ChatbotError(f"{path}: not valid TOML ({err})") from None

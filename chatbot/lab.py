@@ -34,7 +34,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ChatbotError, read_toml, settings_error_message
+from .errors import ChatbotError, read_text, read_toml, settings_error_message
 from .generation import (
     PRESETS,
     DecodingOverrides,
@@ -280,12 +280,9 @@ def _read(path: Path) -> dict[str, Any]:
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
+        text = read_text(path, "scenario file")
         try:
-            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_yaml_loader())  # a SafeLoader
-        except FileNotFoundError:
-            raise ChatbotError(f"{path}: no such scenario file") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise ChatbotError(f"{path}: cannot read ({err})") from None
+            data = yaml.load(text, Loader=_yaml_loader())  # a SafeLoader
         except yaml.YAMLError as err:
             raise ChatbotError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
         if data is None:

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from .errors import ChatbotError
+from .errors import ChatbotError, read_text
 from .lab_metrics import METRICS, SAFETY_KINDS
 
 __all__ = ["FORMAT", "results_document", "csv_text", "write_outputs", "check_out_dir", "load_baseline",
@@ -158,12 +158,9 @@ def load_baseline(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / "results.json"
+    text = read_text(path, "file", name=f"`--baseline` {path}")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ChatbotError(f"`--baseline` {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ChatbotError(f"`--baseline` {path}: cannot read ({err})") from None
+        doc = json.loads(text)
     except json.JSONDecodeError as err:
         raise ChatbotError(f"`--baseline` {path}: not JSON ({err})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("cells"), list):
