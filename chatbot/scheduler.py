@@ -273,6 +273,8 @@ class BatchingGenerator:
         self._pending: deque[_Sequence] = deque()
         self._staged: _Sequence | None = None
         self._fit: int | None = None
+        self._suppress: list[int] | None = None
+        """Token ids a reply may not start with, within the model's vocabulary (found at the first step)."""
         """Rows a decode step ran with after running out of memory (None: all of them)."""
         # Allocated once, here, so that a `max_batch` too large for the device fails now.
         import torch
@@ -576,8 +578,10 @@ class BatchingGenerator:
         self._end += 1
         self.steps += 1
         self.rows_stepped += len(self._batch)
-        # An id past the model's vocabulary (a token added to the tokenizer only) cannot be generated anyway.
-        suppress = [i for i in self.base._blank_start_ids() if i < logits.shape[-1]]
+        if self._suppress is None:
+            # An id past the model's vocabulary (a token added to the tokenizer only) cannot be generated anyway.
+            self._suppress = [i for i in self.base._blank_start_ids() if i < logits.shape[-1]]
+        suppress = self._suppress
         for row, seq in enumerate(self._batch):
             if seq.done is not None:
                 continue
@@ -600,6 +604,8 @@ class BatchingGenerator:
         if len(seq.ids) == seq.prompt_len and not self.ignore_eos:  # the first reply token: not an empty turn
             scores = scores.clone()
             scores[:, suppress] = float("-inf")
+        if not seq.processors and seq.warpers is None:
+            return int(scores.argmax(dim=-1))
         row_ids = torch.tensor([seq.ids], device=scores.device)
         if seq.processors:
             scores = seq.processors(row_ids, scores)
