@@ -242,7 +242,8 @@ class BatchingGenerator:
     """
 
     def __init__(self, base: LocalGenerator, *, max_batch: int = 16, max_queue: int = 64,
-                 cache_bytes: int = 512 * 2**20, prefill_chunk: int = 256, ignore_eos: bool = False) -> None:
+                 cache_bytes: int = 512 * 2**20, prefill_chunk: int = 256, ignore_eos: bool = False,
+                 packed: bool = True) -> None:
         if max_batch < 1:
             raise ChatbotError(f"`max_batch` must be at least 1, got {max_batch}")
         if max_queue < 1:
@@ -273,9 +274,9 @@ class BatchingGenerator:
         self._pending: deque[_Sequence] = deque()
         self._staged: _Sequence | None = None
         self._fit: int | None = None
+        """Rows a decode step ran with after running out of memory (None: all of them)."""
         self._suppress: list[int] | None = None
         """Token ids a reply may not start with, within the model's vocabulary (found at the first step)."""
-        """Rows a decode step ran with after running out of memory (None: all of them)."""
         # Allocated once, here, so that a `max_batch` too large for the device fails now.
         import torch
 
@@ -285,6 +286,12 @@ class BatchingGenerator:
         except (MemoryError, torch.OutOfMemoryError) as err:
             raise ChatbotError(f"no memory for the keys/values of `max_batch` {max_batch} replies of up to "
                                f"{self.context_size} tokens ({type(err).__name__}); lower `max_batch`") from None
+        from .gpt2_step import PackedStep
+
+        self._packed = PackedStep(self.model) if packed and PackedStep.supports(self.model) else None
+        """GPT-2: each step runs the decoding rows and a piece of a prompt in one pass (`gpt2_step`)."""
+        self._unpacked = False
+        """Out of memory in a packed pass: prompts and rows go separately (and shrink) until the batch empties."""
         self._waiting: deque[_Sequence] = deque()
         """Submitted, not yet taken by the scheduler; at most `max_queue`. Guarded by `_lock`."""
         self._lock = threading.Lock()
@@ -412,14 +419,19 @@ class BatchingGenerator:
         while not self._closed:
             self._admit()
             if not (self._batch or self._pending or self._staged):
+                self._unpacked = False
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
             try:
                 with torch.inference_mode():
-                    self._read_prompts()
+                    if self._packed is not None and not self._unpacked:
+                        self._packed_step()
+                    else:
+                        self._read_prompts()
+                        if self._batch:
+                            self._step()
                     if self._batch:
-                        self._step()
                         self._leave()
             except Exception as err:  # a model failure fails every request in flight, not the thread
                 log.exception("batched generation failed")
@@ -561,28 +573,93 @@ class BatchingGenerator:
         self._batch.append(seq)
         self._starts.append(start)
 
+    def _make_room(self) -> None:
+        """Free a column for this step's tokens when the block has none: drop the padding on the left."""
+        if self._end >= self._rows.columns:
+            lo = min(self._starts)
+            self._rows.shift(len(self._batch), lo, self._end, -lo)
+            self._starts = [s - lo for s in self._starts]
+            self._end -= lo
+            self.moves += 1
+
     def _step(self) -> None:
         """One token for every row of the batch."""
         import torch
 
-        rows = self._rows
-        if self._end >= rows.columns:  # no room for this step's column: drop the padding on the left
-            lo = min(self._starts)
-            rows.shift(len(self._batch), lo, self._end, -lo)
-            self._starts = [s - lo for s in self._starts]
-            self._end -= lo
-            self.moves += 1
+        self._make_room()
         n = len(self._batch)
         size = self._fit or n
         logits = torch.cat([self._forward_rows(a, min(a + size, n)) for a in range(0, n, size)])
         self._end += 1
+        self._take(logits)
+
+    def _packed_step(self) -> None:
+        """GPT-2: one token for every row and the next piece of the prompt being read, in one pass."""
+        import torch
+
+        from .gpt2_step import Piece
+
+        seq = self._next_to_read()
+        piece = None
+        if seq is not None:
+            m = min(len(seq.ids) - 1 - seq.read, self.prefill_chunk)
+            piece = Piece(seq.ids[seq.read: seq.read + m], seq.read)
+        n = len(self._batch)
+        if seq is None and not n:  # every waiting request was cancelled or out of time
+            return
+        if n:
+            self._make_room()
+        rows, stage = self._rows, self._stage
+        try:
+            logits = self._packed(rows.k, rows.v, [s.ids[-1] for s in self._batch],
+                                  [len(s.ids) - 1 for s in self._batch], self._starts, self._end,
+                                  stage_keys=stage.k, stage_values=stage.v, piece=piece)
+        except torch.OutOfMemoryError:
+            # Everything this pass wrote is written again by the retry: go the separate way (prompt
+            # pieces halved, rows split) until the batch empties.
+            self._after_oom()
+            self._unpacked = True
+            return
+        if n:
+            self._end += 1
+        if seq is not None and piece is not None:
+            seq.read += len(piece.ids)
+            if seq.read == len(seq.ids) - 1:
+                self._place(seq)
+                self._staged = None
+        if logits is not None:
+            self._take(logits, n)
+
+    def _next_to_read(self) -> _Sequence | None:
+        """The staged request with prompt left to read, staging the next pending one when needed
+        (a prompt found whole in the prefix cache joins the batch at once)."""
+        while self._staged or self._pending:
+            seq = self._staged
+            if seq is None:
+                seq = self._pending.popleft()
+                if self._over(seq):
+                    continue
+                self._staged = seq
+                self._start_reading(seq)
+            elif self._over(seq):
+                self._staged = None
+                continue
+            if seq.read < len(seq.ids) - 1:
+                return seq
+            self._place(seq)
+            self._staged = None
+        return None
+
+    def _take(self, logits: Any, rows: int | None = None) -> None:
+        """Choose and record the next token of the first ``rows`` rows (all of them by default)."""
+        batch = self._batch if rows is None else self._batch[:rows]
         self.steps += 1
-        self.rows_stepped += len(self._batch)
+        self.rows_stepped += len(batch)
         if self._suppress is None:
             # An id past the model's vocabulary (a token added to the tokenizer only) cannot be generated anyway.
             self._suppress = [i for i in self.base._blank_start_ids() if i < logits.shape[-1]]
         suppress = self._suppress
-        for row, seq in enumerate(self._batch):
+        for row, seq in enumerate(batch):
             if seq.done is not None:
                 continue
             try:
@@ -752,3 +829,4 @@ class BatchingGenerator:
             self._starts.pop()
         if not self._batch:
             self._fit = None
+            self._unpacked = False

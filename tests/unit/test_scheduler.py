@@ -22,9 +22,11 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture()
-def sched(roomy_gen):
-    s = BatchingGenerator(roomy_gen, max_batch=8)
+@pytest.fixture(params=[True, False], ids=["packed", "separate"])
+def sched(roomy_gen, request):
+    """Both ways of stepping: GPT-2's packed pass (`gpt2_step`), and the model's own forward for prompts and rows apart."""
+    s = BatchingGenerator(roomy_gen, max_batch=8, packed=request.param)
+    assert (s._packed is not None) == request.param
     yield s
     s.close()
 
@@ -116,16 +118,19 @@ def test_a_full_queue_says_busy_at_once(roomy_gen):
 
 
 def test_a_model_failure_fails_the_requests_in_flight_and_the_next_one_succeeds(roomy_gen, sched, monkeypatch):
-    real = roomy_gen.model.forward
     calls = []
 
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("CUDA out of memory (simulated)")
-        return real(*args, **kwargs)
+    def failing_once(real):
+        def run(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return real(*args, **kwargs)
+        return run
 
-    monkeypatch.setattr(roomy_gen.model, "forward", failing)
+    monkeypatch.setattr(roomy_gen.model, "forward", failing_once(roomy_gen.model.forward))
+    if sched._packed is not None:
+        monkeypatch.setattr(sched, "_packed", failing_once(sched._packed))
     with pytest.raises(RuntimeError, match="out of memory"):
         sched.generate([GenerationRequest(PROMPTS[0], GREEDY, STOPS)])
     assert sched.generate([GenerationRequest(PROMPTS[0], GREEDY, STOPS)])[0].completion_tokens > 0
@@ -235,9 +240,10 @@ def finishing_times(handles):
     return times
 
 
-def test_a_long_prompt_is_read_between_decode_steps_and_gives_the_same_tokens(roomy_gen):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "separate"])
+def test_a_long_prompt_is_read_between_decode_steps_and_gives_the_same_tokens(roomy_gen, packed):
     alone = roomy_gen.generate([GenerationRequest(LONG, GREEDY, STOPS)])[0]
-    sched = BatchingGenerator(roomy_gen, max_batch=4, prefill_chunk=2)
+    sched = BatchingGenerator(roomy_gen, max_batch=4, prefill_chunk=2, packed=packed)
     try:
         short = sched.submit(GenerationRequest(PROMPTS[3], GREEDY.model_copy(update={"max_new_tokens": 4})))
         long = sched.submit(GenerationRequest(LONG, GREEDY, STOPS))
@@ -250,7 +256,8 @@ def test_a_long_prompt_is_read_between_decode_steps_and_gives_the_same_tokens(ro
     assert done[0] < long.first_token_at
 
 
-def test_rows_leaving_and_joining_at_every_length_keep_their_tokens(tiny_dir, monkeypatch):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "separate"])
+def test_rows_leaving_and_joining_at_every_length_keep_their_tokens(tiny_dir, monkeypatch, packed):
     import chatbot.scheduler as scheduler
     from chatbot.generation import LocalGenerator
 
@@ -264,7 +271,7 @@ def test_rows_leaving_and_joining_at_every_length_keep_their_tokens(tiny_dir, mo
     reqs = [GenerationRequest(p, GREEDY.model_copy(update={"max_new_tokens": n}), STOPS)
             for p, n in zip(prompts, budgets)]
     alone = [gen.generate([r])[0] for r in reqs]
-    sched = BatchingGenerator(gen, max_batch=4, cache_bytes=0)
+    sched = BatchingGenerator(gen, max_batch=4, cache_bytes=0, packed=packed)
     try:
         with ThreadPoolExecutor(len(reqs)) as pool:
             batched = list(pool.map(lambda r: sched.generate([r])[0], reqs))
@@ -274,21 +281,33 @@ def test_rows_leaving_and_joining_at_every_length_keep_their_tokens(tiny_dir, mo
     assert [r.text for r in batched] == [r.text for r in alone]
 
 
-def out_of_memory_when(gen, monkeypatch, too_big, what):
-    """The model's forward raises out-of-memory for input ids that are ``too_big``."""
+def out_of_memory_when(gen, monkeypatch, too_big, packed_too_big, what):
+    """The model's forward raises out-of-memory for input ids that are ``too_big``, and the packed
+    GPT-2 pass for decoding rows' positions and a prompt piece that are ``packed_too_big``."""
+    from chatbot.gpt2_step import PackedStep
+
     real = gen.model.forward
 
     def forward(*args, **kwargs):
-        if too_big(kwargs["input_ids"]):
+        if too_big(kwargs["input_ids"], kwargs.get("position_ids")):
             raise torch.OutOfMemoryError(f"out of memory (simulated: {what})")
         return real(*args, **kwargs)
 
+    real_packed = PackedStep.__call__
+
+    def packed(self, keys, values, tokens, positions, *args, piece=None, **kwargs):
+        if packed_too_big(positions, piece):
+            raise torch.OutOfMemoryError(f"out of memory (simulated: {what})")
+        return real_packed(self, keys, values, tokens, positions, *args, piece=piece, **kwargs)
+
     monkeypatch.setattr(gen.model, "forward", forward)
+    monkeypatch.setattr(PackedStep, "__call__", packed)
 
 
 def test_out_of_memory_in_a_decode_step_splits_the_batch_and_every_request_succeeds(roomy_gen, monkeypatch):
     alone = [roomy_gen.generate([r])[0] for r in requests()]
-    out_of_memory_when(roomy_gen, monkeypatch, lambda ids: ids.shape[0] > 1, "more than one row")
+    out_of_memory_when(roomy_gen, monkeypatch, lambda ids, _: ids.shape[0] > 1,
+                       lambda positions, _: len(positions) > 1, "more than one row")
     sched = BatchingGenerator(roomy_gen, max_batch=8)
     try:
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
@@ -301,7 +320,8 @@ def test_out_of_memory_in_a_decode_step_splits_the_batch_and_every_request_succe
 
 def test_out_of_memory_reading_a_prompt_reads_it_in_smaller_pieces(roomy_gen, monkeypatch):
     alone = roomy_gen.generate([GenerationRequest(LONG, GREEDY, STOPS)])[0]
-    out_of_memory_when(roomy_gen, monkeypatch, lambda ids: ids.shape[1] > 5, "more than 5 tokens")
+    out_of_memory_when(roomy_gen, monkeypatch, lambda ids, _: ids.shape[1] > 5,
+                       lambda _, piece: piece is not None and len(piece.ids) > 5, "more than 5 tokens")
     sched = BatchingGenerator(roomy_gen)
     try:
         assert sched.generate([GenerationRequest(LONG, GREEDY, STOPS)])[0].text == alone.text
@@ -311,16 +331,10 @@ def test_out_of_memory_reading_a_prompt_reads_it_in_smaller_pieces(roomy_gen, mo
 
 
 def test_a_row_that_does_not_fit_alone_fails_and_the_others_finish(roomy_gen, monkeypatch):
-    real = roomy_gen.model.forward
     long_len = len(roomy_gen.encode(LONG))
-
-    def no_long_rows(*args, **kwargs):
-        # A decode step with the long row in it does not fit, alone or not.
-        if kwargs["input_ids"].shape[1] == 1 and int(kwargs["position_ids"].max()) >= long_len - 1:
-            raise torch.OutOfMemoryError("out of memory (simulated: the long row)")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(roomy_gen.model, "forward", no_long_rows)
+    # A decode step with the long row in it does not fit, alone or not.
+    out_of_memory_when(roomy_gen, monkeypatch, lambda ids, pos: ids.shape[1] == 1 and int(pos.max()) >= long_len - 1,
+                       lambda positions, _: any(p >= long_len - 1 for p in positions), "the long row")
     sched = BatchingGenerator(roomy_gen, max_batch=4)
     try:
         short = sched.submit(GenerationRequest(PROMPTS[1], GREEDY, STOPS))
