@@ -1,15 +1,15 @@
-"""`PackedStep`: one GPT-2 forward pass over the batch's next tokens and a piece of a prompt together.
+"""`PackedStep`: one GPT-2 forward pass over the batch's next tokens and pieces of prompts together.
 
 Why by hand: the batching generator has two kinds of work between two decode steps, one
-new token for each of up to `max_batch` rows and a piece of a new prompt, and on a CPU the
+new token for each of up to `max_batch` rows and pieces of new prompts, and on a CPU the
 decode step alone multiplies each weight matrix by only a handful of rows, which runs at a
 third of the speed of a prompt's matrix products (measured on this project's 2-core CPU:
 a 768x3072 product takes 1.1 ms for 16 rows and 8.7 ms for 272). transformers' GPT-2
 forward takes one rectangular batch, so putting a 256-token prompt piece in the same call
 as 16 one-token rows would pad every row to 256 tokens. Here the rows' tokens and the
-prompt piece go through every layer's matrix products as one ``[rows + piece, hidden]``
+prompt pieces go through every layer's matrix products as one ``[rows + pieces, hidden]``
 matrix, and only attention is done apart: each decoding row over its own columns of the
-batch's block (no padding read on a CPU), the piece over the staging row. The weights are
+batch's block (no padding read on a CPU), each piece over its staging row. The weights are
 the model's own modules (`ln_1`, `attn.c_attn`, `attn.c_proj`, `ln_2`, `mlp`, `ln_f`), so
 the arithmetic is the model's; only the batching differs.
 
@@ -27,25 +27,28 @@ model goes through its own forward.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["PackedStep", "Piece"]
 
-SMALL = 128
-"""Rows up to which a CPU matrix product runs on the transposed weights (measured above)."""
+SMALL = range(2, 129)
+"""Rows for which a CPU matrix product runs on the transposed weights (measured above; one row
+runs as fast the usual way)."""
 
 
 @dataclass
 class Piece:
-    """Prompt tokens to read into a staging row: ``ids`` at positions ``at``, ``at + 1``, ..."""
+    """Prompt tokens to read into row ``row`` of the staging block: ``ids`` at positions ``at``, ``at + 1``, ..."""
 
     ids: list[int]
     at: int
+    row: int = 0
 
 
 class PackedStep:
-    """Runs decode rows and one prompt piece through a GPT-2 model in one pass."""
+    """Runs decode rows and prompt pieces through a GPT-2 model in one pass."""
 
     def __init__(self, model: Any) -> None:
         cfg = model.config
@@ -71,7 +74,7 @@ class PackedStep:
         import torch
 
         conv = self._convs(self.model.transformer.h[layer])[which]
-        if self.transposed is not None and x.shape[0] <= SMALL:
+        if self.transposed is not None and x.shape[0] in SMALL:
             return torch.addmm(conv.bias[:, None], self.transposed[layer][which], x.T).T.contiguous()
         return torch.addmm(conv.bias, x, conv.weight)
 
@@ -85,13 +88,13 @@ class PackedStep:
 
     def __call__(self, keys: list[Any], values: list[Any], tokens: list[int], positions: list[int],
                  starts: list[int], end: int, stage_keys: list[Any] | None = None,
-                 stage_values: list[Any] | None = None, piece: Piece | None = None) -> Any:
+                 stage_values: list[Any] | None = None, pieces: Sequence[Piece] = ()) -> Any:
         """Logits ``[rows, vocab]`` (float32) of the next token of each decoding row.
 
         Row ``i`` of the block ``keys``/``values`` (per layer ``[rows, heads, columns, head_dim]``)
         holds its keys/values in columns ``starts[i]:end``; its token ``tokens[i]`` at
-        ``positions[i]`` is written at column ``end``. The piece's keys/values are written to
-        row 0 of the staging block at columns ``piece.at`` on; it gets no logits.
+        ``positions[i]`` is written at column ``end``. Each piece's keys/values are written to its
+        row of the staging block at columns ``piece.at`` on; pieces get no logits.
         """
         import torch
         import torch.nn.functional as F
@@ -100,9 +103,8 @@ class PackedStep:
         tr = model.transformer
         dev = model.device
         n = len(tokens)
-        m = len(piece.ids) if piece is not None else 0
-        ids = torch.tensor(tokens + (piece.ids if piece else []), device=dev)
-        pos = torch.tensor(positions + (list(range(piece.at, piece.at + m)) if piece else []), device=dev)
+        ids = torch.tensor(tokens + [i for p in pieces for i in p.ids], device=dev)
+        pos = torch.tensor(positions + [i for p in pieces for i in range(p.at, p.at + len(p.ids))], device=dev)
         x = tr.wte(ids) + tr.wpe(pos)
         heads, hd, width = self.heads, self.head_dim, self.hidden
         lo = min(starts) if n else 0
@@ -110,10 +112,9 @@ class PackedStep:
         if n and not self.per_row:
             columns = torch.arange(lo, end + 1, device=dev)
             mask = (columns[None, :] >= torch.tensor(starts, device=dev)[:, None])[:, None, None, :]
-        piece_mask = None
-        if piece is not None and piece.at:
-            # Query j (position at + j) sees every earlier column and itself.
-            piece_mask = torch.ones(m, piece.at + m, dtype=torch.bool, device=dev).tril(piece.at)
+        # Query j of a piece (position at + j) sees every earlier column and itself.
+        piece_masks = [torch.ones(len(p.ids), p.at + len(p.ids), dtype=torch.bool, device=dev).tril(p.at) if p.at
+                       else None for p in pieces]
         for layer, block in enumerate(tr.h):
             scale = self.scales[layer]
             h = block.ln_1(x)
@@ -133,14 +134,17 @@ class PackedStep:
                     out = F.scaled_dot_product_attention(qd, kb[:n, :, lo:end + 1], vb[:n, :, lo:end + 1],
                                                          attn_mask=mask, scale=scale)
                 parts.append(out.reshape(n, width))
-            if piece is not None:
+            a = n
+            for p, p_mask in zip(pieces, piece_masks):
+                m, r, b = len(p.ids), p.row, a + len(p.ids)
                 ks, vs = stage_keys[layer], stage_values[layer]  # type: ignore[index]
-                ks[0, :, piece.at:piece.at + m] = k[n:].view(m, heads, hd).transpose(0, 1)
-                vs[0, :, piece.at:piece.at + m] = v[n:].view(m, heads, hd).transpose(0, 1)
-                qp = q[n:].view(m, heads, hd).transpose(0, 1)[None]
-                out = F.scaled_dot_product_attention(qp, ks[:1, :, :piece.at + m], vs[:1, :, :piece.at + m],
-                                                     attn_mask=piece_mask, is_causal=piece_mask is None, scale=scale)
+                ks[r, :, p.at:p.at + m] = k[a:b].view(m, heads, hd).transpose(0, 1)
+                vs[r, :, p.at:p.at + m] = v[a:b].view(m, heads, hd).transpose(0, 1)
+                qp = q[a:b].view(m, heads, hd).transpose(0, 1)[None]
+                out = F.scaled_dot_product_attention(qp, ks[r:r + 1, :, :p.at + m], vs[r:r + 1, :, :p.at + m],
+                                                     attn_mask=p_mask, is_causal=p_mask is None, scale=scale)
                 parts.append(out[0].transpose(0, 1).reshape(m, width))
+                a = b
             x = x + self._linear(parts[0] if len(parts) == 1 else torch.cat(parts), layer, 1)
             x = x + self._linear(block.mlp.act(self._linear(block.ln_2(x), layer, 2)), layer, 3)
         if not n:

@@ -125,6 +125,10 @@ class PrefixCache:
 SPARE_COLUMNS = 128
 """Columns a batch's block keeps beyond the model's context, so compacting it is rare."""
 
+STAGE_ROWS = 4
+"""Prompts read at once at most (each in a staging row of the model's context): a step can read
+the short new messages of several conversations together instead of one per step."""
+
 _WINDOW_LAYER: Any = None
 
 
@@ -227,7 +231,8 @@ class _Sequence:
     first_token_at: float = 0.0
     """`time.perf_counter()` when the first reply token was decoded."""
     read: int = 0
-    """Prompt tokens whose keys/values are in the staging row."""
+    """Prompt tokens whose keys/values are in its staging row."""
+    stage_row: int = 0
     abandoned: bool = False
     """The stream's consumer left: end the row even without a cancel event."""
     attempt: int = 0
@@ -272,7 +277,8 @@ class BatchingGenerator:
         self._starts: list[int] = []
         self._end = 0
         self._pending: deque[_Sequence] = deque()
-        self._staged: _Sequence | None = None
+        self._staged: list[_Sequence] = []
+        """Requests whose prompts are being read, each into its own row of `_stage` (`_Sequence.stage_row`)."""
         self._fit: int | None = None
         """Rows a decode step ran with after running out of memory (None: all of them)."""
         self._suppress: list[int] | None = None
@@ -282,7 +288,7 @@ class BatchingGenerator:
 
         try:
             self._rows = _Block(self.model, max_batch, self.context_size + SPARE_COLUMNS)
-            self._stage = _Block(self.model, 1, self.context_size)
+            self._stage = _Block(self.model, min(STAGE_ROWS, max_batch), self.context_size)
         except (MemoryError, torch.OutOfMemoryError) as err:
             raise ChatbotError(f"no memory for the keys/values of `max_batch` {max_batch} replies of up to "
                                f"{self.context_size} tokens ({type(err).__name__}); lower `max_batch`") from None
@@ -437,7 +443,7 @@ class BatchingGenerator:
                 log.exception("batched generation failed")
                 for seq in self._in_flight():
                     self._fail(seq, err)
-                self._batch, self._starts, self._pending, self._staged = [], [], deque(), None
+                self._batch, self._starts, self._pending, self._staged = [], [], deque(), []
                 if isinstance(err, torch.OutOfMemoryError) and torch.cuda.is_available():
                     torch.cuda.empty_cache()
         closed = ChatbotError("the generator is closed")
@@ -447,7 +453,7 @@ class BatchingGenerator:
             self._fail(seq, closed)
 
     def _in_flight(self) -> list[_Sequence]:
-        return [*self._batch, *([self._staged] if self._staged else []), *self._pending]
+        return [*self._batch, *self._staged, *self._pending]
 
     def _admit(self) -> None:
         """End queued requests that were cancelled or ran out of time (their callers and queue
@@ -457,7 +463,7 @@ class BatchingGenerator:
             if gone:
                 ended = {id(seq) for seq in gone}
                 self._waiting = deque(seq for seq in self._waiting if id(seq) not in ended)
-            room = self.max_batch - len(self._batch) - len(self._pending) - (self._staged is not None)
+            room = self.max_batch - len(self._batch) - len(self._pending) - len(self._staged)
             taken = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
         for seq in gone:
             self._over(seq)
@@ -481,51 +487,79 @@ class BatchingGenerator:
         self._finish(seq)
         return True
 
-    def _read_prompts(self) -> None:
-        """Read waiting prompts, `prefill_chunk` tokens between two decode steps at most.
+    def _reading_plan(self, budget: int) -> list[tuple[_Sequence, int]]:
+        """The prompts to read this step and how many tokens of each, `budget` tokens in all.
 
-        Each prompt is read on its own (on a CPU, reading is compute-bound, so padding
-        prompts together would only add work), from the longest cached prefix on, into a
-        staging row; when it is read, the row moves into the batch. A long prompt is read
-        over several steps, so the rows already decoding are never held up by more than
-        one chunk.
+        Prompts are taken in the order they came, each into a free staging row from the longest
+        cached prefix on; one found whole in the prefix cache joins the batch at once.
         """
-        import torch
-
-        budget = self.prefill_chunk
-        while (self._staged or self._pending) and (budget > 0 or not self._batch):
-            seq = self._staged
-            if seq is None:
+        plan: list[tuple[_Sequence, int]] = []
+        k = 0
+        while budget > 0:
+            if k < len(self._staged):
+                seq = self._staged[k]
+                if self._over(seq):
+                    self._staged.pop(k)
+                    continue
+            elif self._pending and len(self._staged) < len(self._stage.k[0]):
                 seq = self._pending.popleft()
                 if self._over(seq):
                     continue
-                self._staged = seq  # from here until it is in the batch, a failure reaches it through `_staged`
+                used = {s.stage_row for s in self._staged}
+                seq.stage_row = min(set(range(len(self._stage.k[0]))) - used)
+                self._staged.append(seq)  # from here until it is in the batch, a failure reaches it here
                 self._start_reading(seq)
-            elif self._over(seq):
-                self._staged = None
-                continue
+            else:
+                break
             todo = len(seq.ids) - 1 - seq.read
-            if todo:
-                allowed = budget if self._batch else todo  # nobody is waiting on an empty batch
+            if not todo:
+                self._place(seq)  # then unstaged: a failure while placing must still find it staged
+                self._staged.pop(k)
+                continue
+            plan.append((seq, min(todo, budget)))
+            budget -= plan[-1][1]
+            k += 1
+        return plan
+
+    def _read(self, seq: _Sequence, m: int) -> None:
+        """``m`` more tokens of a staged prompt were read; a prompt read to the end joins the batch."""
+        seq.read += m
+        if seq.read == len(seq.ids) - 1:
+            self._place(seq)  # then unstaged: a failure while placing must still find it staged
+            self._staged.remove(seq)
+
+    def _read_prompts(self) -> None:
+        """Read waiting prompts with the model's own forward, `prefill_chunk` tokens between two
+        decode steps at most (any number while nothing is decoding).
+
+        Each prompt is read on its own (on a CPU, reading is compute-bound, so padding
+        prompts together would only add work), into its staging row; when it is read, the row
+        moves into the batch. A long prompt is read over several steps, so the rows already
+        decoding are never held up by more than one chunk.
+        """
+        import torch
+
+        while True:
+            plan = self._reading_plan(self.prefill_chunk)
+            for seq, m in plan:
                 try:
-                    budget -= self._read_chunk(seq, min(todo, self.prefill_chunk, allowed))
+                    self._read(seq, self._read_chunk(seq, m))
                 except torch.OutOfMemoryError as err:  # even one token at a time did not fit: this request fails
-                    self._staged = None
+                    self._staged.remove(seq)
                     self._fail(seq, err)
-                    continue
-            if seq.read == len(seq.ids) - 1:
-                self._place(seq)
-                self._staged = None
+            if self._batch or not plan:
+                return
 
     def _start_reading(self, seq: _Sequence) -> None:
         n, kv = self.cache.longest(seq.ids[:-1])
+        r = seq.stage_row
         for layer, (k, v) in enumerate(kv or []):
-            self._stage.k[layer][0, :, :n] = k[0]
-            self._stage.v[layer][0, :, :n] = v[0]
+            self._stage.k[layer][r, :, :n] = k[0]
+            self._stage.v[layer][r, :, :n] = v[0]
         seq.read = n
 
     def _read_chunk(self, seq: _Sequence, m: int) -> int:
-        """Read ``m`` more prompt tokens into the staging row (fewer per pass if memory runs out)."""
+        """Read up to ``m`` more prompt tokens into the staging row (fewer if memory runs out); how many were read."""
         import torch
 
         dev = self.model.device
@@ -535,9 +569,9 @@ class BatchingGenerator:
                 positions = torch.arange(seq.read, seq.read + m, device=dev)[None]
                 # Only the last position's logits could matter, and none are used here: skipping the
                 # vocabulary projection saves about a quarter of a GPT-2 124M prompt read.
+                r = seq.stage_row
                 self.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1,
-                           past_key_values=self._stage.cache(slice(0, 1), 0, seq.read))
-                seq.read += m
+                           past_key_values=self._stage.cache(slice(r, r + 1), 0, seq.read))
                 return m
             except torch.OutOfMemoryError:
                 if m == 1:
@@ -566,10 +600,10 @@ class BatchingGenerator:
             self._end = length
             self.moves += 1
         i, start = len(self._batch), self._end - length
-        stage = self._stage
+        stage, r = self._stage, seq.stage_row
         for layer in range(len(rows.k)):
-            rows.k[layer][i, :, start:self._end] = stage.k[layer][0, :, :length]
-            rows.v[layer][i, :, start:self._end] = stage.v[layer][0, :, :length]
+            rows.k[layer][i, :, start:self._end] = stage.k[layer][r, :, :length]
+            rows.v[layer][i, :, start:self._end] = stage.v[layer][r, :, :length]
         self._batch.append(seq)
         self._starts.append(start)
 
@@ -594,26 +628,23 @@ class BatchingGenerator:
         self._take(logits)
 
     def _packed_step(self) -> None:
-        """GPT-2: one token for every row and the next piece of the prompt being read, in one pass."""
+        """GPT-2: one token for every row and the next pieces of the prompts being read, in one pass."""
         import torch
 
         from .gpt2_step import Piece
 
-        seq = self._next_to_read()
-        piece = None
-        if seq is not None:
-            m = min(len(seq.ids) - 1 - seq.read, self.prefill_chunk)
-            piece = Piece(seq.ids[seq.read: seq.read + m], seq.read)
+        plan = self._reading_plan(self.prefill_chunk)
         n = len(self._batch)
-        if seq is None and not n:  # every waiting request was cancelled or out of time
+        if not (plan or n):  # every waiting request was cancelled or out of time
             return
         if n:
             self._make_room()
         rows, stage = self._rows, self._stage
+        pieces = [Piece(seq.ids[seq.read: seq.read + m], seq.read, seq.stage_row) for seq, m in plan]
         try:
             logits = self._packed(rows.k, rows.v, [s.ids[-1] for s in self._batch],
                                   [len(s.ids) - 1 for s in self._batch], self._starts, self._end,
-                                  stage_keys=stage.k, stage_values=stage.v, piece=piece)
+                                  stage_keys=stage.k, stage_values=stage.v, pieces=pieces)
         except torch.OutOfMemoryError:
             # Everything this pass wrote is written again by the retry: go the separate way (prompt
             # pieces halved, rows split) until the batch empties.
@@ -622,33 +653,10 @@ class BatchingGenerator:
             return
         if n:
             self._end += 1
-        if seq is not None and piece is not None:
-            seq.read += len(piece.ids)
-            if seq.read == len(seq.ids) - 1:
-                self._place(seq)
-                self._staged = None
+        for seq, m in plan:
+            self._read(seq, m)
         if logits is not None:
             self._take(logits, n)
-
-    def _next_to_read(self) -> _Sequence | None:
-        """The staged request with prompt left to read, staging the next pending one when needed
-        (a prompt found whole in the prefix cache joins the batch at once)."""
-        while self._staged or self._pending:
-            seq = self._staged
-            if seq is None:
-                seq = self._pending.popleft()
-                if self._over(seq):
-                    continue
-                self._staged = seq
-                self._start_reading(seq)
-            elif self._over(seq):
-                self._staged = None
-                continue
-            if seq.read < len(seq.ids) - 1:
-                return seq
-            self._place(seq)
-            self._staged = None
-        return None
 
     def _take(self, logits: Any, rows: int | None = None) -> None:
         """Choose and record the next token of the first ``rows`` rows (all of them by default)."""

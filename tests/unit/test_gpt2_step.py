@@ -31,7 +31,7 @@ def reference(model, ids, starts, end, block):
 
 
 @pytest.mark.parametrize("per_row", [True, False], ids=["row-by-row attention", "masked attention"])
-@pytest.mark.parametrize("small", [128, 0], ids=["transposed weights", "model's weights"])
+@pytest.mark.parametrize("small", [range(2, 129), range(0)], ids=["transposed weights", "model's weights"])
 @pytest.mark.parametrize("extra", [{}, {"scale_attn_by_inverse_layer_idx": True}], ids=["gpt2", "layer-scaled"])
 def test_decoding_rows_and_a_prompt_piece_match_the_models_forward(per_row, small, extra, monkeypatch):
     monkeypatch.setattr(gpt2_step, "SMALL", small)
@@ -60,7 +60,7 @@ def test_decoding_rows_and_a_prompt_piece_match_the_models_forward(per_row, smal
         tokens = [5, 6, 7]
         expected = reference(model, tokens, starts, end, theirs)
         got = step(ours.k, ours.v, tokens, [end - s for s in starts], starts, end,
-                   stage_keys=stage.k, stage_values=stage.v, piece=Piece(prompt[5:], 5))
+                   stage_keys=stage.k, stage_values=stage.v, pieces=[Piece(prompt[5:], 5)])
     assert got.shape == expected.shape and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     for a, b in zip(ours.k + ours.v, theirs.k + theirs.v):  # this step's keys/values written at column `end`
@@ -76,7 +76,7 @@ def test_a_piece_alone_from_the_start_gives_no_logits_and_the_prompts_keys():
         rows, stage, expected = _Block(model, 2, 40), _Block(model, 1, 40), _Block(model, 1, 40)
         prompt = torch.randint(0, 97, (9,)).tolist()
         assert step(rows.k, rows.v, [], [], [], 0, stage_keys=stage.k, stage_values=stage.v,
-                    piece=Piece(prompt, 0)) is None
+                    pieces=[Piece(prompt, 0)]) is None
         model(input_ids=torch.tensor([prompt]), use_cache=True, past_key_values=expected.cache(slice(0, 1), 0, 0))
     for a, b in zip(stage.k + stage.v, expected.k + expected.v):
         torch.testing.assert_close(a[:, :, :9], b[:, :, :9], rtol=1e-4, atol=1e-5)

@@ -44,6 +44,33 @@ def test_batched_replies_equal_one_by_one_replies(roomy_gen, sched):
     assert sched.rows_stepped > sched.steps, "the requests were never decoded together"
 
 
+def test_several_prompts_are_read_in_one_packed_pass_and_give_the_same_tokens(roomy_gen, monkeypatch):
+    alone = [roomy_gen.generate([r])[0] for r in requests()]
+    sched = BatchingGenerator(roomy_gen, max_batch=8)
+    passes = []
+    real_pass, real_admit = sched._packed, sched._admit
+    go = threading.Event()
+
+    def packed(*args, pieces=(), **kwargs):
+        passes.append(len(pieces))
+        return real_pass(*args, pieces=pieces, **kwargs)
+
+    def admit():
+        go.wait(30)  # every request is queued before the scheduler takes any
+        real_admit()
+
+    monkeypatch.setattr(sched, "_packed", packed)
+    monkeypatch.setattr(sched, "_admit", admit)
+    try:
+        handles = [sched.submit(r) for r in requests()]
+        go.set()
+        batched = [h.future.result(timeout=60) for h in handles]
+    finally:
+        sched.close()
+    assert passes[0] == 4, "the four short prompts were not read together"
+    assert [r.text for r in batched] == [r.text for r in alone]
+
+
 def test_reusing_a_prefix_gives_the_same_tokens_as_reading_it_again(roomy_gen, sched):
     first = sched.generate([GenerationRequest(PROMPTS[0], GREEDY, STOPS)])[0]
     follow_up = f"{PROMPTS[0]} {first.text}\nada: and what else?\nBot:"
@@ -283,7 +310,7 @@ def test_rows_leaving_and_joining_at_every_length_keep_their_tokens(tiny_dir, mo
 
 def out_of_memory_when(gen, monkeypatch, too_big, packed_too_big, what):
     """The model's forward raises out-of-memory for input ids that are ``too_big``, and the packed
-    GPT-2 pass for decoding rows' positions and a prompt piece that are ``packed_too_big``."""
+    GPT-2 pass for decoding rows' positions and prompt pieces that are ``packed_too_big``."""
     from chatbot.gpt2_step import PackedStep
 
     real = gen.model.forward
@@ -295,10 +322,10 @@ def out_of_memory_when(gen, monkeypatch, too_big, packed_too_big, what):
 
     real_packed = PackedStep.__call__
 
-    def packed(self, keys, values, tokens, positions, *args, piece=None, **kwargs):
-        if packed_too_big(positions, piece):
+    def packed(self, keys, values, tokens, positions, *args, pieces=(), **kwargs):
+        if packed_too_big(positions, pieces):
             raise torch.OutOfMemoryError(f"out of memory (simulated: {what})")
-        return real_packed(self, keys, values, tokens, positions, *args, piece=piece, **kwargs)
+        return real_packed(self, keys, values, tokens, positions, *args, pieces=pieces, **kwargs)
 
     monkeypatch.setattr(gen.model, "forward", forward)
     monkeypatch.setattr(PackedStep, "__call__", packed)
@@ -321,7 +348,7 @@ def test_out_of_memory_in_a_decode_step_splits_the_batch_and_every_request_succe
 def test_out_of_memory_reading_a_prompt_reads_it_in_smaller_pieces(roomy_gen, monkeypatch):
     alone = roomy_gen.generate([GenerationRequest(LONG, GREEDY, STOPS)])[0]
     out_of_memory_when(roomy_gen, monkeypatch, lambda ids, _: ids.shape[1] > 5,
-                       lambda _, piece: piece is not None and len(piece.ids) > 5, "more than 5 tokens")
+                       lambda _, pieces: any(len(p.ids) > 5 for p in pieces), "more than 5 tokens")
     sched = BatchingGenerator(roomy_gen)
     try:
         assert sched.generate([GenerationRequest(LONG, GREEDY, STOPS)])[0].text == alone.text
@@ -372,7 +399,7 @@ def test_leaving_a_stream_early_ends_its_row_without_a_cancel_event(roomy_gen):
         pieces = sched.stream(GenerationRequest("ada: tell me everything\nBot:", long, ()))
         next(pieces)
         pieces.close()
-        wait_for(lambda: not sched._batch and sched._staged is None)
+        wait_for(lambda: not sched._batch and not sched._staged)
         assert sched.rows_stepped < 150, "the row ran on after its reader left"
     finally:
         sched.close()
