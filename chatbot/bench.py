@@ -349,7 +349,12 @@ def _in_process(target: str, options: BenchOptions, workload: Workload | None) -
     """Run one arm in a fresh process (its own peak memory, no warm caches from the other arm)."""
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
-        return pool.apply(_call, (target, asdict(options), workload))
+        result = pool.apply(_call, (target, asdict(options), workload))
+        # Let the worker exit on its own: killed (the pool's exit), it leaves the locks its
+        # progress bars made for the resource tracker to warn about.
+        pool.close()
+        pool.join()
+    return result
 
 
 def _call(target: str, options: dict[str, Any], workload: Workload | None) -> dict[str, Any]:

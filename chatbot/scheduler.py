@@ -9,8 +9,12 @@ about four rows' steps. So this scheduler:
 - reads each new prompt on its own (no padding), starting from the cached keys/values of
   the longest prefix it has already seen (the same conversation's previous prompt and the
   reply generated to it: the window drops old turns in chunks precisely so that this
-  prefix stays the same), at most `prefill_chunk` tokens between two decode steps, so a
-  long prompt never holds up the replies already under way for long;
+  prefix stays the same), at most `prefill_chunk` tokens between two decode steps (of up
+  to `STAGE_ROWS` prompts), so a long prompt never holds up the replies already under way
+  for long;
+- on GPT-2, runs those prompt pieces and every decoding row's next token through the
+  model in one pass (`gpt2_step.PackedStep`), so the rows ride along in the prompt's
+  matrix products; other models read prompts and decode rows in separate forwards;
 - lets the read prompt join the running batch between two decode steps (continuous
   batching). The batch's keys/values live in one block allocated once, one row per
   request, and every row writes its next token at the same column; rows are left-padded
@@ -295,7 +299,7 @@ class BatchingGenerator:
         from .gpt2_step import PackedStep
 
         self._packed = PackedStep(self.model) if packed and PackedStep.supports(self.model) else None
-        """GPT-2: each step runs the decoding rows and a piece of a prompt in one pass (`gpt2_step`)."""
+        """GPT-2: each step runs the decoding rows and the prompt pieces in one pass (`gpt2_step`)."""
         self._unpacked = False
         """Out of memory in a packed pass: prompts and rows go separately (and shrink) until the batch empties."""
         self._waiting: deque[_Sequence] = deque()
