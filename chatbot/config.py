@@ -59,9 +59,9 @@ class Settings(BaseModel):
     """Replies decoded together on the model (continuous batching, with each conversation's prompt prefix
     reused between turns); 1 answers them one at a time. See `python bot.py bench`. The batch's keys and
     values are allocated at start: `max_batch` x the model's context x its layers x 2 x its width, in the
-    model's precision (GPT-2 124M in float32: about 85 MB per reply), plus as much again for up to four
-    prompts being read; on a CPU a GPT-2 model also keeps a transposed copy of its layers' weights
-    (about 340 MB for GPT-2 124M)."""
+    model's precision (GPT-2 124M in float32: about 85 MB per reply), plus a row of the model's context
+    (75 MB) for each of up to four prompts being read at once; on a CPU a GPT-2 model also keeps a
+    transposed copy of its layers' weights (about 340 MB for GPT-2 124M)."""
     prefix_cache_mb: int = Field(512, ge=0, le=1_000_000)
     """Memory for reusable prompt prefixes when `max_batch` > 1; the least recently used go first."""
     prefill_chunk: int = Field(256, ge=1, le=65536)

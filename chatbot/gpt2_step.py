@@ -2,23 +2,24 @@
 
 Why by hand: the batching generator has two kinds of work between two decode steps, one
 new token for each of up to `max_batch` rows and pieces of new prompts, and on a CPU the
-decode step alone multiplies each weight matrix by only a handful of rows, which runs at a
-third of the speed of a prompt's matrix products (measured on this project's 2-core CPU:
-a 768x3072 product takes 1.1 ms for 16 rows and 8.7 ms for 272). transformers' GPT-2
+decode step alone multiplies each weight matrix by only a handful of rows, which runs at
+about half the speed per row of a prompt's matrix products (measured on this project's
+2-core CPU: a 768x3072 product takes 1.1 ms for 16 rows and 8.7 ms for 272). transformers' GPT-2
 forward takes one rectangular batch, so putting a 256-token prompt piece in the same call
 as 16 one-token rows would pad every row to 256 tokens. Here the rows' tokens and the
 prompt pieces go through every layer's matrix products as one ``[rows + pieces, hidden]``
 matrix, and only attention is done apart: each decoding row over its own columns of the
-batch's block (no padding read on a CPU), each piece over its staging row. The weights are
+batch's block (no padding read on a CPU), each piece over its staging row. The layers are
 the model's own modules (`ln_1`, `attn.c_attn`, `attn.c_proj`, `ln_2`, `mlp`, `ln_f`), so
-the arithmetic is the model's; only the batching differs.
+the arithmetic is the model's up to the order of the sums; only the batching differs.
 
 On a CPU, a product with few rows is done the other way round, ``(W.T @ x.T).T`` with a
 copy of each weight matrix stored ``[out, in]``: the same sums, but the BLAS on this
 project's CPU runs it much faster when the weights come from memory rather than cache
 (GPT-2 124M's twelve layers, 16 rows: 52 ms against 77-105 ms; 4 rows: 29 ms against 66 ms;
 at 256 rows the usual way is faster). The copies cost the size of the layers' weights
-again (340 MB for GPT-2 124M). The vocabulary projection is done as ``W @ h.T`` for the
+again (340 MB for GPT-2 124M), and are taken when the generator starts: a model whose weights
+change afterwards (training) needs a new generator. The vocabulary projection is done as ``W @ h.T`` for the
 same reason, with no copy needed (26 ms against 40 ms for 16 rows).
 
 Used only for `GPT2LMHeadModel` (the models this project ships and trains); any other
@@ -62,8 +63,11 @@ class PackedStep:
         self.per_row = model.device.type == "cpu"
         self.transposed: list[list[Any]] | None = None
         if model.device.type == "cpu":
-            self.transposed = [[conv.weight.T.contiguous() for conv in self._convs(block)]
-                               for block in model.transformer.h]
+            import torch
+
+            with torch.no_grad():
+                self.transposed = [[conv.weight.T.contiguous() for conv in self._convs(block)]
+                                   for block in model.transformer.h]
 
     @staticmethod
     def _convs(block: Any) -> tuple[Any, Any, Any, Any]:
@@ -83,13 +87,14 @@ class PackedStep:
         from transformers import GPT2LMHeadModel
 
         cfg = model.config
-        return type(model) is GPT2LMHeadModel and not cfg.add_cross_attention and \
-            all(hasattr(block.attn, "scaling") for block in model.transformer.h)
+        # `reorder_and_upcast_attn` computes attention in float32 in half-precision models; this pass does not.
+        return type(model) is GPT2LMHeadModel and not cfg.add_cross_attention and not cfg.reorder_and_upcast_attn \
+            and all(hasattr(block.attn, "scaling") for block in model.transformer.h)
 
     def __call__(self, keys: list[Any], values: list[Any], tokens: list[int], positions: list[int],
                  starts: list[int], end: int, stage_keys: list[Any] | None = None,
                  stage_values: list[Any] | None = None, pieces: Sequence[Piece] = ()) -> Any:
-        """Logits ``[rows, vocab]`` (float32) of the next token of each decoding row.
+        """Logits ``[rows, vocab]`` (float32) of the next token of each decoding row; None when there are none.
 
         Row ``i`` of the block ``keys``/``values`` (per layer ``[rows, heads, columns, head_dim]``)
         holds its keys/values in columns ``starts[i]:end``; its token ``tokens[i]`` at

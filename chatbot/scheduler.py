@@ -290,16 +290,16 @@ class BatchingGenerator:
         # Allocated once, here, so that a `max_batch` too large for the device fails now.
         import torch
 
+        from .gpt2_step import PackedStep
+
         try:
             self._rows = _Block(self.model, max_batch, self.context_size + SPARE_COLUMNS)
             self._stage = _Block(self.model, min(STAGE_ROWS, max_batch), self.context_size)
+            self._packed = PackedStep(self.model) if packed and PackedStep.supports(self.model) else None
+            """GPT-2: each step runs the decoding rows and the prompt pieces in one pass (`gpt2_step`)."""
         except (MemoryError, torch.OutOfMemoryError) as err:
             raise ChatbotError(f"no memory for the keys/values of `max_batch` {max_batch} replies of up to "
                                f"{self.context_size} tokens ({type(err).__name__}); lower `max_batch`") from None
-        from .gpt2_step import PackedStep
-
-        self._packed = PackedStep(self.model) if packed and PackedStep.supports(self.model) else None
-        """GPT-2: each step runs the decoding rows and the prompt pieces in one pass (`gpt2_step`)."""
         self._unpacked = False
         """Out of memory in a packed pass: prompts and rows go separately (and shrink) until the batch empties."""
         self._waiting: deque[_Sequence] = deque()
@@ -497,14 +497,14 @@ class BatchingGenerator:
         Prompts are taken in the order they came, each into a free staging row from the longest
         cached prefix on; one found whole in the prefix cache joins the batch at once.
         """
+        # Cancelled or out of time: ended now, not when the budget reaches them.
+        self._staged = [seq for seq in self._staged if not self._over(seq)]
+        self._pending = deque(seq for seq in self._pending if not self._over(seq))
         plan: list[tuple[_Sequence, int]] = []
         k = 0
         while budget > 0:
             if k < len(self._staged):
                 seq = self._staged[k]
-                if self._over(seq):
-                    self._staged.pop(k)
-                    continue
             elif self._pending and len(self._staged) < len(self._stage.k[0]):
                 seq = self._pending.popleft()
                 if self._over(seq):
@@ -547,10 +547,14 @@ class BatchingGenerator:
             plan = self._reading_plan(self.prefill_chunk)
             for seq, m in plan:
                 try:
-                    self._read(seq, self._read_chunk(seq, m))
+                    m = self._read_chunk(seq, m)
                 except torch.OutOfMemoryError as err:  # even one token at a time did not fit: this request fails
                     self._staged.remove(seq)
                     self._fail(seq, err)
+                    continue
+                # Outside the `try`: running out of memory while joining the batch may leave the
+                # batch's rows half moved, so it must fail every request, as any other failure does.
+                self._read(seq, m)
             if self._batch or not plan:
                 return
 

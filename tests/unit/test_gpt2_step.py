@@ -86,6 +86,7 @@ def test_only_gpt2_language_models_take_the_packed_pass():
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
     assert PackedStep.supports(tiny_gpt2())
+    assert not PackedStep.supports(tiny_gpt2(reorder_and_upcast_attn=True))  # attention upcast to float32
     neo = GPTNeoForCausalLM(GPTNeoConfig(vocab_size=97, max_position_embeddings=64, hidden_size=32, num_layers=2,
                                          num_heads=2, attention_types=[[["global"], 2]])).eval()
     assert not PackedStep.supports(neo)
