@@ -61,23 +61,20 @@ class PackedStep:
         # On a GPU one masked attention call for the whole batch beats a call per row (each
         # call is a kernel launch); on a CPU, a call per row reads only that row's columns.
         self.per_row = model.device.type == "cpu"
+        self.convs = [(b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj) for b in model.transformer.h]
+        """Per layer, its four products: attention in and out, MLP in and out."""
         self.transposed: list[list[Any]] | None = None
         if model.device.type == "cpu":
             import torch
 
             with torch.no_grad():
-                self.transposed = [[conv.weight.T.contiguous() for conv in self._convs(block)]
-                                   for block in model.transformer.h]
-
-    @staticmethod
-    def _convs(block: Any) -> tuple[Any, Any, Any, Any]:
-        return block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj
+                self.transposed = [[conv.weight.T.contiguous() for conv in convs] for convs in self.convs]
 
     def _linear(self, x: Any, layer: int, which: int) -> Any:
         """GPT-2's `Conv1D` (``x @ weight + bias``, weight ``[in, out]``), the faster way round for ``x``'s rows."""
         import torch
 
-        conv = self._convs(self.model.transformer.h[layer])[which]
+        conv = self.convs[layer][which]
         if self.transposed is not None and x.shape[0] in SMALL:
             return torch.addmm(conv.bias[:, None], self.transposed[layer][which], x.T).T.contiguous()
         return torch.addmm(conv.bias, x, conv.weight)

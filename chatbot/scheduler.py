@@ -507,8 +507,6 @@ class BatchingGenerator:
                 seq = self._staged[k]
             elif self._pending and len(self._staged) < len(self._stage.k[0]):
                 seq = self._pending.popleft()
-                if self._over(seq):
-                    continue
                 used = {s.stage_row for s in self._staged}
                 seq.stage_row = min(set(range(len(self._stage.k[0]))) - used)
                 self._staged.append(seq)  # from here until it is in the batch, a failure reaches it here
