@@ -45,7 +45,7 @@ from .generation import (
     resolve_model,
 )
 from .lab_metrics import LabTurn, cell_metrics, reply_nll
-from .prompting import Persona, PersonaExample, clean_speaker, get_persona, load_persona
+from .prompting import Persona, PersonaExample, check_speaker, get_persona, load_persona
 from .safety import sanitize_input, skeleton
 
 __all__ = ["Scenario", "LabCell", "LabRun", "load_scenario", "prepare", "load_generators", "run_lab", "turn_seed",
@@ -223,9 +223,7 @@ class Scenario(BaseModel):
     @field_validator("user")
     @classmethod
     def _user(cls, value: str) -> str:
-        if clean_speaker(value) != value:
-            raise ValueError("must be a single line without ':' or surrounding spaces")
-        return value
+        return check_speaker(value)
 
     @field_validator("presets", "personas")
     @classmethod

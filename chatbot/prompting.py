@@ -33,6 +33,7 @@ __all__ = [
     "make_format",
     "clean_text",
     "clean_speaker",
+    "check_speaker",
     "cut_at_stop",
     "Persona",
     "load_persona",
@@ -69,6 +70,13 @@ def clean_speaker(name: str) -> str:
     """Make a speaker name safe to use as a transcript label."""
     name = clean_text(_SPEAKER_FORBIDDEN.sub(" ", name))
     return name[:MAX_SPEAKER_CHARS].strip() or "User"
+
+
+def check_speaker(name: str) -> str:
+    """``name`` unchanged if it is already a clean transcript label (a validator's check), else ValueError."""
+    if clean_speaker(name) != name:
+        raise ValueError("must be a single line without ':' or surrounding spaces")
+    return name
 
 
 def cut_at_stop(text: str, stop_strings: Iterable[str]) -> tuple[str, bool]:
@@ -223,9 +231,7 @@ class Persona(BaseModel):
     @field_validator("speaker")
     @classmethod
     def _speaker(cls, value: str) -> str:
-        if clean_speaker(value) != value:
-            raise ValueError("must be a single line without ':' or surrounding spaces")
-        return value
+        return check_speaker(value)
 
     @field_validator("preset")
     @classmethod
