@@ -568,14 +568,25 @@ class ChatEngine:
                         persona: str | None, preset: str | None, decoding: Any,
                         clock: _Clock) -> AsyncIterator[_Plan | Reply]:
         """Wait for the conversation (messages keep their order), then either refuse an abusive
-        message (a `Reply`, nothing stored) or store the user turn and plan the prompt."""
+        message (a `Reply`, nothing stored) or store the user turn and plan the prompt.
+
+        Once the conversation's turn has come, the message is taken: a caller that stops
+        meanwhile (Ctrl-C in the terminal, a closed stream, a timeout) is stopped only after
+        the user turn is stored, as it is when it stops during the reply.
+        """
         async with self._locks.hold(conversation_id):
             clock.mark("queued")
-            refused = await self._refusal(conversation_id, text, persona, preset, decoding)
-            if refused is not None:
-                yield refused
+
+            async def take() -> _Plan | Reply:
+                refused = await self._refusal(conversation_id, text, persona, preset, decoding)
+                if refused is not None:
+                    return refused
+                return await self._plan(conversation_id, author, author_key, text, persona, preset, decoding)
+
+            plan = await _finish_before_cancel(take())
+            if isinstance(plan, Reply):
+                yield plan
                 return
-            plan = await self._plan(conversation_id, author, author_key, text, persona, preset, decoding)
             clock.mark("prepare")
             yield plan
 
@@ -675,6 +686,25 @@ class ChatEngine:
         removed = await self.store.expire(days * 86400)
         if removed:
             log.info("expired %d turns older than %g days", removed, days)
+
+
+async def _finish_before_cancel(coro: Any) -> Any:
+    """Await ``coro`` to its end even when the caller is cancelled meanwhile, then pass the
+    cancellation on. (`asyncio.shield` alone returns at once and leaves the work running
+    unawaited, outside the caller's lock.)"""
+    task = asyncio.ensure_future(coro)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.cancelled():  # the work itself was cancelled, not only its caller
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
 
 
 async def iterate_in_thread(make: Callable[[], Iterator[T]], executor: Executor | None = None, *,

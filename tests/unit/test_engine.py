@@ -245,6 +245,36 @@ async def test_leaving_a_stream_early_stores_no_bot_turn_and_frees_the_conversat
     assert reply.text
 
 
+async def test_stopping_before_the_reply_starts_still_keeps_the_message(engine, monkeypatch):
+    """Ctrl-C in the terminal right after sending: the message was taken, so it is stored
+    (as when the reply is stopped later), and the conversation is free again."""
+    reached, release = asyncio.Event(), asyncio.Event()
+    real = engine.store.newest
+
+    async def slow_newest(*args, **kwargs):  # holds the message between taking it and storing it
+        reached.set()
+        await release.wait()
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.store, "newest", slow_newest)
+
+    async def consume():
+        async with engine.stream("cli:t", "ada", "please keep this") as stream:
+            return [p async for p in stream]
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(reached.wait(), 10)
+    task.cancel()
+    await asyncio.sleep(0.05)
+    assert not task.done()  # the cancellation waits for the message to be stored
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
+    monkeypatch.setattr(engine.store, "newest", real)
+    assert [(t.role, t.text) for t in await engine.history("cli:t")] == [("user", "please keep this")]
+    assert (await asyncio.wait_for(engine.respond("cli:t", "ada", "again"), 30)).text
+
+
 async def test_personas_and_presets_are_chosen_per_conversation_and_kept(gen, tiny_prompts, tmp_path, monkeypatch):
     seen = record_prompts(gen, monkeypatch)
     path = tmp_path / "m.sqlite3"
