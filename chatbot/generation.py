@@ -257,9 +257,9 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None) -> str:
     return str(name_or_path)
 
 
-def _not_found(name: str, why: str) -> ModelNotFoundError:
+def _not_found(name: str, why: str, option: str = "--model") -> ModelNotFoundError:
     return ModelNotFoundError(
-        f"cannot load model {name!r} ({why}); point --model at a local directory that holds a "
+        f"cannot load model {name!r} ({why}); point {option} at a local directory that holds a "
         f"Hugging Face model (config.json, weights, tokenizer), e.g. {DEFAULT_MODEL}"
     )
 
@@ -269,12 +269,13 @@ def load_model(
     *,
     device: str = "auto",
     allow_download: bool = False,
+    option: str = "--model",
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` the same way for a directory or a hub name.
 
     Hub names are looked up in the local cache only unless ``allow_download`` is set,
     so an air-gapped machine gets an immediate, readable error instead of a network
-    time-out.
+    time-out. ``option`` is the command-line option an error tells the user to change.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -286,14 +287,14 @@ def load_model(
                        or Path(name.split("/")[0]).is_dir())
     if looks_like_path:
         if not path.is_dir():
-            raise _not_found(name, "no such directory")
+            raise _not_found(name, "no such directory", option)
         if not (path / "config.json").is_file():
-            raise _not_found(name, "the directory has no config.json")
+            raise _not_found(name, "the directory has no config.json", option)
         source = str(path)
     elif re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", name):
         source = name
     else:
-        raise _not_found(name, "neither a directory nor a hub model name like 'org/model'")
+        raise _not_found(name, "neither a directory nor a hub model name like 'org/model'", option)
     dev = pick_device(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not allow_download)
@@ -303,7 +304,7 @@ def load_model(
     except (OSError, ValueError) as err:
         why = ("not available offline; --allow-download fetches it where there is network"
                if not allow_download else str(err).splitlines()[0])
-        raise _not_found(name, why) from None
+        raise _not_found(name, why, option) from None
     model.to(dev)
     model.eval()
     if tokenizer.pad_token is None:

@@ -594,7 +594,8 @@ def train(opts: TrainOptions, *, resume: bool = False, overwrite: bool = False, 
             data, tokenizer = prepare_data(opts, None, AutoTokenizer.from_pretrained(latest),
                                            AutoConfig.from_pretrained(latest))
         elif opts.base_model:
-            base_model, base_tok = load_model(opts.base_model, device="cpu", allow_download=allow_download)
+            base_model, base_tok = load_model(opts.base_model, device="cpu", allow_download=allow_download,
+                                              option="--base-model")
             data, tokenizer = prepare_data(opts, None, base_tok, base_model.config)
         else:
             data, tokenizer = prepare_data(opts, Path(tmp) / "tokenizer")

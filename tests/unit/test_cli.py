@@ -37,6 +37,18 @@ def test_missing_training_data(capsys, tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+def test_missing_base_model_names_the_training_option(capsys, tmp_path):
+    from ..conftest import dialogue_jsonl
+
+    data = tmp_path / "d.jsonl"
+    dialogue_jsonl(data, copies=2)
+    code, _, err = run(capsys, "train", "--data", str(data), "--base-model", str(tmp_path / "nope"),
+                       "--output", str(tmp_path / "m"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "no such directory" in err and "point --base-model at" in err
+    assert not (tmp_path / "m").exists()
+
+
 def test_bad_training_option(capsys, tmp_path):
     code, _, err = run(capsys, "train", "--n-embd", "30", "--n-head", "4", "--output", str(tmp_path / "m"))
     assert code == 2 and "`n_embd` (30) must be divisible by `n_head` (4)" in err
