@@ -345,7 +345,7 @@ def run_chat(settings: Any, *, conversation_id: str, name: str, persona: str | N
 
     Interactive, replies stream in as they are generated and Ctrl-C stops a reply. Piped,
     every line read gives exactly one line out (the reply, or a note in parentheses for
-    a command or a refused message), so a script can pair them up.
+    a command, an empty line or a refused message), so a script can pair them up.
     """
     import asyncio
 
@@ -380,6 +380,8 @@ def run_chat(settings: Any, *, conversation_id: str, name: str, persona: str | N
                 break
             text = line.strip()
             if not text:
+                if not interactive:  # still one line out, so a script's lines stay paired
+                    print("(empty message ignored)", flush=True)
                 continue
             if text.startswith("/"):
                 out = _chat_command(run, engine, conversation_id, text)

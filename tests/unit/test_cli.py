@@ -80,11 +80,12 @@ def test_chat_prints_one_line_per_line_read(capsys, monkeypatch, tiny_dir, chat_
                                                           "x" * 5000, "/persona other", "and you?"], "--seed", "3")
     assert code == 0, err
     lines = out.splitlines()
-    assert len(lines) == 7 and all(line.strip() for line in lines)
-    assert lines[2] == "(personas: other (Pip), tester * (Bot))"
-    assert lines[3] == "(unknown command /bogus; /help lists them)"
-    assert lines[4] == "(that message is 5,000 characters long; the limit is 2,000)"
-    assert lines[5] == "(now talking to Pip, persona other)"
+    assert len(lines) == 8 and all(line.strip() for line in lines)
+    assert lines[1] == "(empty message ignored)"
+    assert lines[3] == "(personas: other (Pip), tester * (Bot))"
+    assert lines[4] == "(unknown command /bogus; /help lists them)"
+    assert lines[5] == "(that message is 5,000 characters long; the limit is 2,000)"
+    assert lines[6] == "(now talking to Pip, persona other)"
     assert (chat_env / "chatbot.sqlite3").is_file()
 
 
