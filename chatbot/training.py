@@ -608,8 +608,10 @@ def train(opts: TrainOptions, *, resume: bool = False, overwrite: bool = False, 
                            f"({len(data.train_ids)} training / {len(data.val_ids)} validation tokens)")
 
     try:
-        if latest is None and out.exists():
-            shutil.rmtree(out)
+        if latest is None:
+            # --overwrite: the old run's checkpoints go now, but a model already there stays
+            # usable (a bot may be running on it) until the new one replaces it (`_write_final`).
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ChatbotError(f"cannot write --output {out}: {err.strerror}") from None
@@ -727,7 +729,8 @@ def train(opts: TrainOptions, *, resume: bool = False, overwrite: bool = False, 
 
 
 def _write_final(out: Path, model: Any, tokenizer: Any, info: dict[str, Any]) -> None:
-    """Write the model directory; checkpoints are removed only once it is complete."""
+    """Write the model directory; checkpoints are removed only once it is complete, and so is
+    whatever a model overwritten here had that this one does not (another tokenizer file, say)."""
     staging = out / ".final"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -736,10 +739,13 @@ def _write_final(out: Path, model: Any, tokenizer: Any, info: dict[str, Any]) ->
     tokenizer.save_pretrained(staging)
     (staging / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
     (staging / "README.md").write_text(model_card(info))
+    written = {item.name for item in staging.iterdir()}
     for item in staging.iterdir():
         os.replace(item, out / item.name)
     staging.rmdir()
-    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    for item in out.iterdir():
+        if item.name not in written:
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
 
 
 def model_card(info: dict[str, Any]) -> str:

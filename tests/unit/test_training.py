@@ -148,6 +148,35 @@ def test_overwrite_replaces_an_old_run_and_its_checkpoints(tmp_path, monkeypatch
     assert not (tmp_path / "model" / "checkpoints").exists()
 
 
+def test_overwriting_a_model_keeps_it_usable_until_the_new_one_is_written(tmp_path, monkeypatch):
+    out = tmp_path / "model"
+    train(tiny_options(tmp_path, max_steps=10), progress=False)
+    (out / "vocab.old").write_text("a file the new model does not have")
+    before = load_file(out / "model.safetensors")
+    real_lr = training._lr_at
+
+    def interrupt(step, total, opts):
+        if step == 15:
+            raise KeyboardInterrupt
+        return real_lr(step, total, opts)
+
+    monkeypatch.setattr(training, "_lr_at", interrupt)
+    with pytest.raises(ChatbotError, match="interrupted at step 15"):
+        train(tiny_options(tmp_path, max_steps=30, seed=1), overwrite=True, progress=False)
+    # Interrupted: the old model is still there, whole, beside the new run's checkpoint.
+    assert all(torch.equal(before[k], v) for k, v in load_file(out / "model.safetensors").items())
+    assert LocalGenerator.from_pretrained(out, device="cpu").context_size == 32
+    assert (out / "checkpoints").is_dir()
+
+    monkeypatch.setattr(training, "_lr_at", real_lr)
+    report = train(tiny_options(tmp_path, max_steps=30, seed=1), resume=True, progress=False)
+    assert report.steps == 30
+    after = load_file(out / "model.safetensors")
+    assert any(not torch.equal(before[k], v) for k, v in after.items())
+    assert not (out / "vocab.old").exists() and not (out / "checkpoints").exists()
+    assert json.loads((out / "training_info.json").read_text())["options"]["seed"] == 1
+
+
 def test_overwrite_refuses_a_directory_it_did_not_write(tmp_path):
     precious = tmp_path / "model"
     precious.mkdir()
