@@ -650,6 +650,8 @@ class ShardedChatBot(_ChatClient, commands.AutoShardedBot):
 def make_bot(engine: ChatEngine, settings: Settings | None = None, **options: Any) -> ChatBot | ShardedChatBot:
     """The Discord client for ``engine``: sharded when `Settings.discord_sharded` says so."""
     settings = settings or engine.settings
+    # The bot never joins voice: discord.py's start-up warnings that voice libraries are missing are noise.
+    discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
     cls = ShardedChatBot if settings.discord_sharded else ChatBot
     return cls(engine, settings, **options)
 

@@ -97,6 +97,19 @@ async def stored(engine, conversation_id):
 # --------------------------------------------------------------------------- when the bot answers
 
 
+async def test_starting_the_bot_prints_no_voice_library_warnings(roomy_gen, tiny_prompts, tmp_path, monkeypatch,
+                                                                 caplog):
+    monkeypatch.setattr(discord.VoiceClient, "warn_nacl", True)  # as in a process that has made no client yet
+    monkeypatch.setattr(discord.VoiceClient, "warn_dave", True)
+    settings = settings_for(tiny_prompts, tmp_path)
+    engine = ChatEngine(roomy_gen, SQLiteMemoryStore(settings.memory_path), settings)
+    with caplog.at_level("WARNING", logger="discord"):
+        bot = make_bot(engine, settings)
+    assert "voice" not in caplog.text
+    await bot.close()
+    await engine.close()
+
+
 async def test_a_mention_is_answered_in_a_reply_that_pings_nobody(world):
     bot, fake, engine = world
     trigger = fake.message(f"<@{BOT_ID}> hello there", mentions=(BOT_ID,))
