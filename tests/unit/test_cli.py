@@ -214,3 +214,21 @@ def test_the_discord_bot_batches_replies_unless_the_settings_say_otherwise(capsy
     monkeypatch.setattr(adapters.discord_bot, "run_discord", run_discord)
     code, out, err = run(capsys, "discord")
     assert code == 0 and seen == [expected]
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    """`bot.py ... | head`: when the pipe closes, no traceback, exit status 141 as a shell gives."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bot = Path(__file__).resolve().parents[2] / "bot.py"
+    proc = subprocess.Popen([sys.executable, str(bot), "chat", "--memory", ":memory:"], cwd=tmp_path,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.write(b"/help\n" * 5000)  # each /help prints a dozen lines
+    proc.stdin.close()
+    assert proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 141 and "Traceback" not in err, err
+
