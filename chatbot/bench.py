@@ -347,14 +347,26 @@ def _bandwidth(options: BenchOptions) -> dict[str, Any]:
 
 def _in_process(target: str, options: BenchOptions, workload: Workload | None) -> dict[str, Any]:
     """Run one arm in a fresh process (its own peak memory, no warm caches from the other arm)."""
+    from transformers.utils import logging as hf_logging
+
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
+    # A spawned process starts with transformers' defaults: give it the caller's (no loading bars from the CLI).
+    quiet = (not hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity())
+    with ctx.Pool(1, initializer=_quiet_like_caller, initargs=quiet) as pool:
         result = pool.apply(_call, (target, asdict(options), workload))
         # Let the worker exit on its own: killed (the pool's exit), it leaves the locks its
         # progress bars made for the resource tracker to warn about.
         pool.close()
         pool.join()
     return result
+
+
+def _quiet_like_caller(no_progress_bars: bool, verbosity: int) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity(verbosity)
+    if no_progress_bars:
+        hf_logging.disable_progress_bar()
 
 
 def _call(target: str, options: dict[str, Any], workload: Workload | None) -> dict[str, Any]:
