@@ -547,7 +547,7 @@ def _check_output(out: Path, resume: bool, overwrite: bool) -> Path | None:
             what = "a checkpoint (pass --resume to continue it" if latest else "files (pass --overwrite to replace them"
             raise ChatbotError(f"{out} already holds {what}, or choose another --output)")
         if not ((out / "config.json").exists() or (out / CHECKPOINTS).exists()):
-            # --overwrite empties the directory, so it must be one this command wrote.
+            # --overwrite replaces what the directory holds, so it must be one this command wrote.
             raise ChatbotError(f"{out} does not look like a model directory; refusing to overwrite it")
     return None
 
@@ -607,11 +607,13 @@ def train(opts: TrainOptions, *, resume: bool = False, overwrite: bool = False, 
         raise ChatbotError(f"the corpus is too small for --block-size {block} "
                            f"({len(data.train_ids)} training / {len(data.val_ids)} validation tokens)")
 
+    replaces: list[str] = []
     try:
         if latest is None:
             # --overwrite: the old run's checkpoints go now, but a model already there stays
             # usable (a bot may be running on it) until the new one replaces it (`_write_final`).
             shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+            replaces = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ChatbotError(f"cannot write --output {out}: {err.strerror}") from None
@@ -644,7 +646,7 @@ def train(opts: TrainOptions, *, resume: bool = False, overwrite: bool = False, 
     steps_per_epoch = max(1, per_epoch // opts.batch_size)
     total_steps = opts.max_steps or max(1, math.ceil(opts.epochs * steps_per_epoch))
     state: dict[str, Any] = {"step": 0, "history": [], "seconds": 0.0, "smooth_loss": None,
-                             "options": opts.model_dump()}
+                             "options": opts.model_dump(), "replaces": replaces}
     if latest is not None:
         optimizer.load_state_dict(torch.load(latest / "optimizer.pt", map_location=device))
         state.update(saved)
@@ -714,7 +716,7 @@ def train(opts: TrainOptions, *, resume: bool = False, overwrite: bool = False, 
             "device": device, "torch_threads": torch.get_num_threads(),
             "wall_seconds_including_data": round(time.time() - started, 1),
         }
-        _write_final(out, model, tokenizer, info)
+        _write_final(out, model, tokenizer, info, state.get("replaces", []))
     except KeyboardInterrupt:
         bar.close()
         if state["step"] == 0:
@@ -728,9 +730,10 @@ def train(opts: TrainOptions, *, resume: bool = False, overwrite: bool = False, 
     return report
 
 
-def _write_final(out: Path, model: Any, tokenizer: Any, info: dict[str, Any]) -> None:
+def _write_final(out: Path, model: Any, tokenizer: Any, info: dict[str, Any], replaces: Sequence[str] = ()) -> None:
     """Write the model directory; checkpoints are removed only once it is complete, and so is
-    whatever a model overwritten here had that this one does not (another tokenizer file, say)."""
+    whatever of ``replaces`` (what ``--output`` held when an --overwrite run began) this model
+    did not write again (another tokenizer file, say)."""
     staging = out / ".final"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -743,9 +746,17 @@ def _write_final(out: Path, model: Any, tokenizer: Any, info: dict[str, Any]) ->
     for item in staging.iterdir():
         os.replace(item, out / item.name)
     staging.rmdir()
-    for item in out.iterdir():
-        if item.name not in written:
-            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    for name in [CHECKPOINTS, *replaces]:
+        item = out / name
+        if name in written or not (item.exists() or item.is_symlink()):
+            continue
+        try:
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item)
+            else:
+                item.unlink()
+        except OSError as err:  # the model is written: a leftover is worth a warning, not a failure
+            log.warning("could not remove %s: %s", item, err.strerror)
 
 
 def model_card(info: dict[str, Any]) -> str:

@@ -168,12 +168,15 @@ def test_overwriting_a_model_keeps_it_usable_until_the_new_one_is_written(tmp_pa
     assert LocalGenerator.from_pretrained(out, device="cpu").context_size == 32
     assert (out / "checkpoints").is_dir()
 
+    (out / "resume.log").write_text("put here during the run: not the old model's, so it stays")
+
     monkeypatch.setattr(training, "_lr_at", real_lr)
     report = train(tiny_options(tmp_path, max_steps=30, seed=1), resume=True, progress=False)
     assert report.steps == 30
     after = load_file(out / "model.safetensors")
     assert any(not torch.equal(before[k], v) for k, v in after.items())
     assert not (out / "vocab.old").exists() and not (out / "checkpoints").exists()
+    assert (out / "resume.log").exists()
     assert json.loads((out / "training_info.json").read_text())["options"]["seed"] == 1
 
 
