@@ -283,10 +283,7 @@ class ChatCog(commands.Cog, name="Chat"):
         self._clock = clock
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closing = False
-        try:
-            speakers = {p.speaker for p in engine.personas().values()}
-        except ChatbotError:
-            speakers = set()
+        speakers = {p.speaker for p in engine.personas().values()}
         self._reserved = frozenset(skeleton(s) for s in speakers | {engine.default_persona.speaker})
 
     # ------------------------------------------------------------------ who gets an answer

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -237,11 +237,8 @@ class ChatEngine:
         self.output_filter = output_chain(redact_personal_data=st.redact_personal_data,
                                           block_toxic=st.block_toxic_output, toxicity=toxicity)
         self.input_filter = toxicity if st.abusive_input == "refuse" else None
-        try:
-            self._persona_speakers = {p.speaker for p in self.personas().values()}
-        except ChatbotError as err:  # one broken persona file must not stop the bot
-            log.warning("%s", err)
-            self._persona_speakers = {self.default_persona.speaker}
+        self._bad_persona_files: set[str] = set()
+        self._persona_speakers = {p.speaker for p in self.personas().values()} | {self.default_persona.speaker}
         tokenizer = getattr(generator, "tokenizer", None)
         self._special_tokens = tuple(getattr(tokenizer, "all_special_tokens", ())) or (
             getattr(generator.format, "eos_token", "<|endoftext|>"),)
@@ -274,8 +271,15 @@ class ChatEngine:
         return self._personas[name]
 
     def personas(self) -> dict[str, Persona]:
-        """Every persona available, by name."""
-        found = list_personas(self.settings.prompts_dir)
+        """Every persona available, by name. A malformed file is left out, so one broken file
+        does not stop the bot or its persona list; it is logged once, and choosing it is an error
+        that names the mistake."""
+        def warn_once(err: ChatbotError) -> None:
+            if str(err) not in self._bad_persona_files:
+                self._bad_persona_files.add(str(err))
+                log.warning("%s", err)
+
+        found = list_personas(self.settings.prompts_dir, on_error=warn_once)
         self._personas.update(found)
         return found
 
@@ -570,9 +574,9 @@ class ChatEngine:
         """Wait for the conversation (messages keep their order), then either refuse an abusive
         message (a `Reply`, nothing stored) or store the user turn and plan the prompt.
 
-        Once the conversation's turn has come, the message is taken: a caller that stops
-        meanwhile (Ctrl-C in the terminal, a closed stream, a timeout) is stopped only after
-        the user turn is stored, as it is when it stops during the reply.
+        Once the conversation's turn has come, the message is taken: a caller cancelled
+        meanwhile (Ctrl-C in the terminal, a timeout, a shutdown) is stopped only after the
+        user turn is stored, as it is when it stops during the reply.
         """
         async with self._locks.hold(conversation_id):
             clock.mark("queued")
@@ -688,22 +692,22 @@ class ChatEngine:
             log.info("expired %d turns older than %g days", removed, days)
 
 
-async def _finish_before_cancel(coro: Any) -> Any:
+async def _finish_before_cancel(coro: Awaitable[T]) -> T:
     """Await ``coro`` to its end even when the caller is cancelled meanwhile, then pass the
-    cancellation on. (`asyncio.shield` alone returns at once and leaves the work running
-    unawaited, outside the caller's lock.)"""
+    cancellation on (an error from ``coro`` is raised instead). `asyncio.shield` alone returns
+    at once and leaves the work running unawaited, outside the caller's lock."""
     task = asyncio.ensure_future(coro)
-    cancelled = False
+    cancelled: asyncio.CancelledError | None = None
     while True:
         try:
             result = await asyncio.shield(task)
             break
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as err:
             if task.cancelled():  # the work itself was cancelled, not only its caller
                 raise
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
+            cancelled = err
+    if cancelled is not None:
+        raise cancelled
     return result
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -263,9 +263,19 @@ def load_persona(path: str | Path) -> Persona:
     return persona
 
 
-def list_personas(directory: str | Path = PROMPTS_DIR) -> dict[str, Persona]:
-    """Every persona in ``directory``, by name."""
-    return {p.stem: load_persona(p) for p in sorted(Path(directory).glob("*.toml"))}
+def list_personas(directory: str | Path = PROMPTS_DIR, *,
+                  on_error: Callable[[ChatbotError], None] | None = None) -> dict[str, Persona]:
+    """Every persona in ``directory``, by name. A malformed file raises, or with ``on_error``
+    is passed to it and left out."""
+    found = {}
+    for path in sorted(Path(directory).glob("*.toml")):
+        try:
+            found[path.stem] = load_persona(path)
+        except ChatbotError as err:
+            if on_error is None:
+                raise
+            on_error(err)
+    return found
 
 
 def get_persona(name: str, directory: str | Path = PROMPTS_DIR) -> Persona:

@@ -275,6 +275,20 @@ async def test_stopping_before_the_reply_starts_still_keeps_the_message(engine, 
     assert (await asyncio.wait_for(engine.respond("cli:t", "ada", "again"), 30)).text
 
 
+async def test_a_malformed_persona_file_is_left_out_of_the_list_and_named_when_chosen(gen, tiny_prompts, caplog):
+    (tiny_prompts / "pirate.toml").write_text('name = "pirate"\nspeaker = "Cap: n"\n', encoding="utf-8")
+    with caplog.at_level("WARNING", logger="chatbot.engine"):
+        engine = make_engine(gen, InMemoryStore(), tiny_prompts)
+        assert sorted(engine.personas()) == ["other", "tester"]  # the list still works
+        assert sorted(engine.personas()) == ["other", "tester"]
+    warnings = [r.getMessage() for r in caplog.records if "pirate.toml" in r.getMessage()]
+    assert len(warnings) == 1 and "`speaker`" in warnings[0]  # said once, not at every listing
+    with pytest.raises(ChatbotError, match=r"pirate\.toml: `speaker`"):
+        await engine.set_persona("cli:t", "pirate")
+    assert (await engine.respond("cli:t", "ada", "hi")).speaker == "Bot"
+    await engine.close()
+
+
 async def test_personas_and_presets_are_chosen_per_conversation_and_kept(gen, tiny_prompts, tmp_path, monkeypatch):
     seen = record_prompts(gen, monkeypatch)
     path = tmp_path / "m.sqlite3"
