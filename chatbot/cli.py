@@ -7,6 +7,7 @@ as one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -638,7 +639,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        if not _stdout_gone():
+            raise
         # The reader went away (`bot.py safety-eval --show-misses | head`): stop quietly, and
         # point stdout at nothing so Python's flush at exit does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+
+
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe whose reader has gone (not some other pipe of the command's)."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # replaced by something without a file
+        return False
+    if not hasattr(select, "poll"):  # Windows: stdout is the likeliest pipe to break
+        return True
+    poll = select.poll()
+    poll.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poll.poll(0))
