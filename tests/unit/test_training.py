@@ -50,22 +50,30 @@ def test_short_run_lowers_the_loss_and_writes_a_model_directory(tmp_path):
     assert isinstance(result.text, str) and 0 < result.completion_tokens <= 8
 
 
+def train_until_interrupted(opts, step, monkeypatch, **kwargs):
+    """Run ``train`` as if Ctrl-C came at ``step``; returns the error it ended with."""
+    real_lr = training._lr_at
+
+    def interrupt(at, total, o):
+        if at == step:
+            raise KeyboardInterrupt
+        return real_lr(at, total, o)
+
+    monkeypatch.setattr(training, "_lr_at", interrupt)
+    try:
+        with pytest.raises(ChatbotError, match=f"interrupted at step {step}") as err:
+            train(opts, progress=False, **kwargs)
+    finally:
+        monkeypatch.setattr(training, "_lr_at", real_lr)
+    return err.value
+
+
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     straight = train(tiny_options(tmp_path / "a", max_steps=30), progress=False)
     assert straight.steps == 30
 
-    real_lr = training._lr_at
-
-    def interrupt_at_17(step, total, opts):
-        if step == 17:
-            raise KeyboardInterrupt
-        return real_lr(step, total, opts)
-
     opts = tiny_options(tmp_path / "b", max_steps=30)
-    monkeypatch.setattr(training, "_lr_at", interrupt_at_17)
-    with pytest.raises(ChatbotError, match="interrupted at step 17.*--resume"):
-        train(opts, progress=False)
-    monkeypatch.setattr(training, "_lr_at", real_lr)
+    assert "--resume" in str(train_until_interrupted(opts, 17, monkeypatch))
     assert (tmp_path / "b" / "model" / "checkpoints" / "step-17").is_dir()
 
     with pytest.raises(ChatbotError, match="already holds a checkpoint"):
@@ -130,18 +138,7 @@ def test_fine_tune_reuses_the_base_tokenizer(tmp_path, tiny_dir):
 
 
 def test_overwrite_replaces_an_old_run_and_its_checkpoints(tmp_path, monkeypatch):
-    old = tiny_options(tmp_path, max_steps=30)
-    real_lr = training._lr_at
-
-    def interrupt(step, total, opts):
-        if step == 25:
-            raise KeyboardInterrupt
-        return real_lr(step, total, opts)
-
-    monkeypatch.setattr(training, "_lr_at", interrupt)
-    with pytest.raises(ChatbotError, match="interrupted at step 25"):
-        train(old, progress=False)
-    monkeypatch.setattr(training, "_lr_at", real_lr)
+    train_until_interrupted(tiny_options(tmp_path, max_steps=30), 25, monkeypatch)
     new = tiny_options(tmp_path, max_steps=12)
     report = train(new, overwrite=True, progress=False)
     assert report.steps == 12
@@ -153,16 +150,7 @@ def test_overwriting_a_model_keeps_it_usable_until_the_new_one_is_written(tmp_pa
     train(tiny_options(tmp_path, max_steps=10), progress=False)
     (out / "vocab.old").write_text("a file the new model does not have")
     before = load_file(out / "model.safetensors")
-    real_lr = training._lr_at
-
-    def interrupt(step, total, opts):
-        if step == 15:
-            raise KeyboardInterrupt
-        return real_lr(step, total, opts)
-
-    monkeypatch.setattr(training, "_lr_at", interrupt)
-    with pytest.raises(ChatbotError, match="interrupted at step 15"):
-        train(tiny_options(tmp_path, max_steps=30, seed=1), overwrite=True, progress=False)
+    train_until_interrupted(tiny_options(tmp_path, max_steps=30, seed=1), 15, monkeypatch, overwrite=True)
     # Interrupted: the old model is still there, whole, beside the new run's checkpoint.
     assert all(torch.equal(before[k], v) for k, v in load_file(out / "model.safetensors").items())
     assert LocalGenerator.from_pretrained(out, device="cpu").context_size == 32
@@ -170,7 +158,6 @@ def test_overwriting_a_model_keeps_it_usable_until_the_new_one_is_written(tmp_pa
 
     (out / "resume.log").write_text("put here during the run: not the old model's, so it stays")
 
-    monkeypatch.setattr(training, "_lr_at", real_lr)
     report = train(tiny_options(tmp_path, max_steps=30, seed=1), resume=True, progress=False)
     assert report.steps == 30
     after = load_file(out / "model.safetensors")
