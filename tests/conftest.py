@@ -42,14 +42,7 @@ def tiny_tokenizer(tmp_path_factory):
 
 @pytest.fixture()
 def tiny_model(tiny_tokenizer):
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=tiny_tokenizer.eos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
-                        chatbot_prompt_format="transcript")
-    return GPT2LMHeadModel(config).eval()
+    return tiny_gpt2(tiny_tokenizer, context=64)
 
 
 @pytest.fixture()
@@ -82,8 +75,8 @@ def roomy_gen(tiny_tokenizer, tmp_path_factory):
     return LocalGenerator.from_pretrained(out, device="cpu")
 
 
-def save_tiny_gpt2(tokenizer, out, *, context: int):
-    """A tiny GPT-2 (seeded, so always the same weights) and ``tokenizer`` saved as a model directory."""
+def tiny_gpt2(tokenizer, *, context: int):
+    """A tiny GPT-2 for ``tokenizer`` (seeded, so always the same weights), in eval mode."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -91,6 +84,11 @@ def save_tiny_gpt2(tokenizer, out, *, context: int):
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=context, n_embd=32, n_layer=2, n_head=2,
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                         chatbot_prompt_format="transcript")
-    GPT2LMHeadModel(config).save_pretrained(out)
+    return GPT2LMHeadModel(config).eval()
+
+
+def save_tiny_gpt2(tokenizer, out, *, context: int):
+    """`tiny_gpt2` and ``tokenizer`` saved as a model directory."""
+    tiny_gpt2(tokenizer, context=context).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

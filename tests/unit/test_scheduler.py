@@ -197,16 +197,11 @@ async def test_the_engine_answers_several_conversations_through_one_batch(roomy_
 
 
 def test_the_benchmark_gives_both_arms_the_same_work(tmp_path, tiny_tokenizer, capsys):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from chatbot.bench import BenchOptions, format_report, run_bench
 
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=tiny_tokenizer.eos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
-                        chatbot_prompt_format="transcript")
-    GPT2LMHeadModel(config).save_pretrained(tmp_path / "m")
-    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    from ..conftest import save_tiny_gpt2
+
+    save_tiny_gpt2(tiny_tokenizer, tmp_path / "m", context=256)
     options = BenchOptions(model=str(tmp_path / "m"), conversations=3, turns=2, min_history=30, max_history=60,
                            min_reply=3, max_reply=6, check=6)
     report = run_bench(options, separate_processes=False)
@@ -439,7 +434,7 @@ def test_closing_ends_every_request_queued_running_or_streaming(roomy_gen):
         sched.generate([GenerationRequest(PROMPTS[0], GREEDY, STOPS)])
 
 
-def test_a_failure_while_a_read_prompt_joins_the_batch_fails_that_request_only(roomy_gen, sched, monkeypatch):
+def test_a_failure_while_a_read_prompt_joins_the_batch_fails_it_and_the_next_request_succeeds(roomy_gen, sched, monkeypatch):
     real = sched._place
     calls = []
 
