@@ -474,15 +474,18 @@ class BatchingGenerator:
         self._pending.extend(taken)
 
     @staticmethod
-    def _gone(seq: _Sequence) -> bool:
-        return seq.abandoned or (seq.request.cancel is not None and seq.request.cancel.is_set()) or \
-            time.perf_counter() > seq.deadline
+    def _cancelled(seq: _Sequence) -> bool:
+        """Its caller cancelled it, or its stream's reader left."""
+        return seq.abandoned or (seq.request.cancel is not None and seq.request.cancel.is_set())
+
+    def _gone(self, seq: _Sequence) -> bool:
+        return self._cancelled(seq) or time.perf_counter() > seq.deadline
 
     def _over(self, seq: _Sequence) -> bool:
         """Ends a request that was cancelled or ran out of time before it could start decoding."""
         if seq.delivered:
             return True
-        if seq.abandoned or (seq.request.cancel is not None and seq.request.cancel.is_set()):
+        if self._cancelled(seq):
             seq.done = "cancelled"
         elif time.perf_counter() > seq.deadline:
             seq.done = "time"
@@ -746,7 +749,7 @@ class BatchingGenerator:
                 seq.done = "length"
             elif time.perf_counter() > seq.deadline:
                 seq.done = "time"
-            elif seq.abandoned or (seq.request.cancel is not None and seq.request.cancel.is_set()):
+            elif self._cancelled(seq):
                 seq.done = "cancelled"
             elif len(seq.ids) >= self.context_size:
                 seq.done = "length"
