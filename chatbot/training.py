@@ -746,15 +746,10 @@ def _write_final(out: Path, model: Any, tokenizer: Any, info: dict[str, Any], re
     for item in staging.iterdir():
         os.replace(item, out / item.name)
     staging.rmdir()
-    for name in [CHECKPOINTS, *replaces]:
-        item = out / name
-        if name in written or not (item.exists() or item.is_symlink()):
-            continue
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    for item in (out / name for name in set(replaces) - written):
         try:
-            if item.is_dir() and not item.is_symlink():
-                shutil.rmtree(item)
-            else:
-                item.unlink()
+            shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink(missing_ok=True)
         except OSError as err:  # the model is written: a leftover is worth a warning, not a failure
             log.warning("could not remove %s: %s", item, err.strerror)
 
