@@ -758,6 +758,7 @@ def model_card(info: dict[str, Any]) -> str:
     r, o, d, m = info["report"], info["options"], info["data"], info["model"]
     ratio = r["unigram_perplexity"] / r["val_perplexity"]
     base = o["base_model"] or "none (trained from scratch)"
+    scored = n_blocks(range(d["validation_tokens"]), o["block_size"]) * o["block_size"]  # what evaluate_loss reads
     lines = [
         "---",
         "library_name: transformers",
@@ -785,7 +786,8 @@ def model_card(info: dict[str, Any]) -> str:
         f"- source: `{d['source']}`",
         f"- conversations: {d['train_conversations']} training, {d['validation_conversations']} validation "
         f"(split by conversation, seed {o['seed']}, {o['val_fraction']:.1%} held out)",
-        f"- tokens: {d['train_tokens']:,} training, {d['validation_tokens']:,} validation",
+        f"- tokens: {d['train_tokens']:,} training, {d['validation_tokens']:,} validation; the perplexities "
+        f"score the {scored:,} validation tokens that fill whole {o['block_size']}-token blocks",
         "- cleaning: " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in d["cleaning"].items()),
         "",
         "## Model and training",

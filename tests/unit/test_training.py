@@ -43,6 +43,8 @@ def test_short_run_lowers_the_loss_and_writes_a_model_directory(tmp_path):
     assert info["options"]["seed"] == 0 and info["data"]["validation_conversations"] > 0
     card = (out / "README.md").read_text()
     assert f"{report.val_perplexity:.2f}" in card and "seed: 0" in card
+    scored = training.n_blocks(range(info["data"]["validation_tokens"]), opts.block_size) * opts.block_size
+    assert f"score the {scored:,} validation tokens" in card
     # The trained model is usable by the generator straight away.
     gen = LocalGenerator.from_pretrained(out, device="cpu")
     settings = training.DecodingSettings(max_new_tokens=8, seed=0)
