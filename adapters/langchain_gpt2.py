@@ -18,17 +18,11 @@ from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, BaseLLM, LangSmithParams
-from langchain_core.messages import (
-    AIMessage,
-    AIMessageChunk,
-    BaseMessage,
-    HumanMessage,
-    SystemMessage,
-)
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, Generation, GenerationChunk, LLMResult
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from adapters.langchain_history import ChatbotMessageHistory, message_text
+from adapters.langchain_history import ChatbotMessageHistory, message_role, message_text
 from chatbot.config import Settings
 from chatbot.conversation import Turn, plan_prompt
 from chatbot.engine import iterate_in_thread
@@ -42,6 +36,7 @@ from chatbot.generation import (
     make_overrides,
     resolve_model,
 )
+from chatbot.memory import MAX_TURN_CHARS
 from chatbot.prompting import clean_speaker, get_persona
 from chatbot.safety import (
     FilterChain,
@@ -56,6 +51,11 @@ __all__ = ["GPT2LLM", "ChatGPT2", "ChatbotMessageHistory"]
 
 _DECODING_FIELDS = ("temperature", "top_k", "top_p", "max_new_tokens", "repetition_penalty", "bot_repetition_penalty",
                     "no_repeat_ngram_size", "bot_no_repeat_ngram_size", "max_time", "seed")
+_ALIASES = {"max_tokens": "max_new_tokens", "timeout": "max_time"}
+"""LangChain's standard names for two decoding settings, as fields and per call."""
+_ENGINE_ONLY = ("avoid_repeats", "repeat_threshold", "repeat_lookback", "repeat_retries")
+"""Decoding settings the engine applies by comparing a reply with the conversation's earlier
+ones; a LangChain call has no such conversation, so they are refused rather than ignored."""
 
 
 @lru_cache(maxsize=8)
@@ -67,7 +67,7 @@ def _shared_generator(model: str, device: str, allow_download: bool) -> Any:
     """
     from chatbot.generation import LocalGenerator
 
-    return LocalGenerator.from_pretrained(model, device=device, allow_download=allow_download)
+    return LocalGenerator.from_pretrained(model, device=device, allow_download=allow_download, option="`model`")
 
 
 class _GPT2Mixin(BaseModel):
@@ -100,7 +100,8 @@ class _GPT2Mixin(BaseModel):
     max_retries: int = 0
     """Accepted because LangChain passes it to every model; a local model makes no network call to retry."""
     streaming: bool = False
-    """When True, `invoke` streams internally (callbacks get every piece)."""
+    """When True, `invoke` streams internally and callbacks get every piece (`GPT2LLM`: one
+    prompt after another, so a `batch` is no longer one batch on the model)."""
     safety: bool = True
     """Run the output filters (toxicity, personal data, mentions) on every result."""
     toxicity_threshold: float = Settings.model_fields["toxicity_threshold"].default
@@ -113,10 +114,11 @@ class _GPT2Mixin(BaseModel):
     _filters: FilterChain | None = PrivateAttr(default=None)
 
     def _setup(self) -> None:
-        self.decoding()  # every value checked now, with the field named
+        self._checked_length(self.decoding())  # every value checked now, with the field named
         if self.generator is None:
             object.__setattr__(self, "generator",
                                _shared_generator(resolve_model(self.model), self.device, self.allow_download))
+            self._checked_length(self.decoding())
         if self.safety:
             self._filters = output_chain(toxicity_threshold=self.toxicity_threshold)
 
@@ -128,15 +130,42 @@ class _GPT2Mixin(BaseModel):
         if self.timeout is not None:
             given.setdefault("max_time", self.timeout)
         overrides = {k: v for k, v in overrides.items() if k != "model"}  # LangChain's per-call model name
-        unknown = sorted(set(overrides) - set(DecodingSettings.model_fields))
+        for alias, name in _ALIASES.items():
+            if alias in overrides:
+                value = overrides.pop(alias)
+                overrides.setdefault(name, value)
+        engine_only = sorted(set(overrides) & set(_ENGINE_ONLY))
+        if engine_only:
+            raise ValueError(f"{', '.join(engine_only)}: the engine applies these to a conversation's earlier "
+                             "replies; a LangChain model call has none, so they cannot be set here")
+        known = [name for name in DecodingSettings.model_fields if name not in _ENGINE_ONLY] + list(_ALIASES)
+        unknown = sorted(set(overrides) - set(known))
         if unknown:
             raise ValueError(f"unknown keyword argument(s) {', '.join(unknown)}; decoding settings are "
-                             f"{', '.join(DecodingSettings.model_fields)}")
+                             f"{', '.join(known)}")
         try:
             base = apply_overrides(get_preset(self.preset), make_overrides(given))
             return apply_overrides(base, make_overrides(overrides))
         except ChatbotError as err:
             raise ValueError(str(err)) from None
+
+    def _checked_length(self, settings: DecodingSettings) -> DecodingSettings:
+        """``settings``, when its reply length leaves room for a prompt in the model's context."""
+        context = getattr(self.generator, "context_size", None)
+        if context is not None and settings.max_new_tokens >= context:
+            raise ValueError(f"`max_new_tokens` must be below the model's context of {context} tokens, "
+                             f"got {settings.max_new_tokens}")
+        return settings
+
+    def _stops(self, stop: list[str] | str | None) -> tuple[str, ...]:
+        """This instance's stop strings, then the call's (one string is one stop, not its characters)."""
+        if isinstance(stop, str):
+            stop = [stop]
+        return (*(self.stop or ()), *(stop or ()))
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """The model's own token ids (LangChain's default would fetch GPT-2's tokenizer from the hub)."""
+        return list(self.generator.encode(text))
 
     @property
     def _model_name(self) -> str:
@@ -148,7 +177,7 @@ class _GPT2Mixin(BaseModel):
         params.update(ls_provider="gpt2-chatbot", ls_model_name=str(kwargs.get("model", self._model_name)),
                       ls_temperature=d.temperature, ls_max_tokens=d.max_new_tokens)
         if stop or self.stop:
-            params["ls_stop"] = [*(self.stop or ()), *(stop or ())]
+            params["ls_stop"] = list(self._stops(stop))
         return params
 
     def _params(self) -> dict[str, Any]:
@@ -238,11 +267,17 @@ class GPT2LLM(_GPT2Mixin, BaseLLM):
             raise ValueError(f"a prompt must be a string, got {type(prompt).__name__}")
         if self.safety:
             prompt = break_special_tokens(prompt, getattr(self.generator.tokenizer, "all_special_tokens", ()))
-        return GenerationRequest(prompt, self.decoding(**kwargs), (*(self.stop or ()), *(stop or ())),
+        if not self.generator.count_tokens(prompt):
+            raise ValueError("a prompt must have some text to continue, got an empty one")
+        return GenerationRequest(prompt, self._checked_length(self.decoding(**kwargs)), self._stops(stop),
                                  trim_to_sentence=False)
 
     def _generate(self, prompts: list[str], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
+        if self.streaming:
+            generations = [[Generation(text="".join(c.text for c in self._stream(p, stop, run_manager, **kwargs)))]
+                           for p in prompts]
+            return LLMResult(generations=generations, llm_output={"model_name": self._model_name})
         requests = [self._request(p, stop, kwargs) for p in prompts]
         generations = []
         prompt_tokens = completion_tokens = 0
@@ -287,7 +322,8 @@ class ChatGPT2(_GPT2Mixin, BaseChatModel):
 
     ``SystemMessage`` text leads the prompt (after a persona's description, if one is
     named); ``HumanMessage``s are spoken by their ``name`` or ``user_name``; ``AIMessage``s
-    by the persona's speaker or ``ai_name``. The oldest messages leave first when the
+    by the persona's speaker or ``ai_name``; a ``ChatMessage`` counts as one of these by its
+    role. Empty messages are left out. The oldest messages leave first when the
     conversation outgrows the model's context, exactly as in the engine's rolling window.
     There is no tool calling and no structured output: `bind_tools` and
     `with_structured_output` raise `NotImplementedError` saying so.
@@ -342,34 +378,40 @@ class ChatGPT2(_GPT2Mixin, BaseChatModel):
 
     def _request(self, messages: list[BaseMessage], stop: list[str] | None,
                  kwargs: dict[str, Any]) -> GenerationRequest:
-        settings = self.decoding(**kwargs)
+        settings = self._checked_length(self.decoding(**kwargs))
         specials = getattr(self.generator.tokenizer, "all_special_tokens", ())
         system: list[str] = [self._persona.description] if self._persona is not None else []
         turns: list[Turn] = []
+        roles = [message_role(message) for message in messages]
         speakers = {self.user_name, self._speaker}
-        for message in messages:
-            speakers.add(message.name or (self._speaker if isinstance(message, AIMessage) else self.user_name))
-        for n, message in enumerate(messages):
-            text = message_text(message, f"ChatGPT2 input {n} ({type(message).__name__})")
-            if isinstance(message, SystemMessage):
+        for message, kind in zip(messages, roles):
+            speakers.add(message.name or (self._speaker if kind == "bot" else self.user_name))
+        for n, (message, kind) in enumerate(zip(messages, roles)):
+            label = f"ChatGPT2 input {n} ({type(message).__name__})"
+            if kind is None:
+                what = f"a ChatMessage with role {message.role!r}" if isinstance(message, ChatMessage) \
+                    else f"a {type(message).__name__}"
+                raise ValueError(f"ChatGPT2 takes system, human and AI messages (or ChatMessages with role user, "
+                                 f"assistant or system); input {n} is {what}")
+            text = message_text(message, label)
+            if kind == "system":
                 system.append(text)
                 continue
-            if isinstance(message, HumanMessage):
+            if len(text) > MAX_TURN_CHARS:  # what the chatbot memory stores, so a history can keep it
+                raise ValueError(f"{label} is {len(text)} characters; a message can have at most {MAX_TURN_CHARS}")
+            if kind == "user":
                 author, role = message.name or self.user_name, "user"
                 if self.safety:
                     text = neutralise_speaker_tags(break_special_tokens(normalise(text), specials), speakers)
-            elif isinstance(message, AIMessage):
-                if message.tool_calls:
+            else:
+                if isinstance(message, AIMessage) and message.tool_calls:
                     raise ValueError("ChatGPT2 does not support tool calling; messages with tool calls cannot be sent")
                 author, role = message.name or self._speaker, "bot"
-            else:
-                raise ValueError(f"ChatGPT2 takes system, human and AI messages; got a {type(message).__name__} "
-                                 "(it has no tool calling)")
-            turns.append(Turn("langchain:call", author, role, text, 0.0, n))
+            if text.strip():  # an empty message would be a bare "Name:" line in the transcript
+                turns.append(Turn("langchain:call", author, role, text, 0.0, n))
+        if not turns:
+            raise ValueError("ChatGPT2 needs at least one human or AI message with text to reply to")
         budget = self.generator.context_size - settings.max_new_tokens
-        if budget < 1:
-            raise ValueError(f"`max_new_tokens` must be below the model's context of {self.generator.context_size} "
-                             f"tokens, got {settings.max_new_tokens}")
         try:
             planned = plan_prompt(
                 turns, fmt=self.generator.format, speaker=self._speaker, count_tokens=self.generator.count_tokens,
@@ -378,7 +420,7 @@ class ChatGPT2(_GPT2Mixin, BaseChatModel):
                 speakers=(self.user_name,), chunk=self.window_chunk)
         except ChatbotError as err:
             raise ValueError(str(err)) from None
-        stops = (*planned.stop_strings, *(self.stop or ()), *(stop or ()))
+        stops = (*planned.stop_strings, *self._stops(stop))
         return GenerationRequest(planned.prompt, settings, stops, planned.bot_texts)
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,

@@ -3,7 +3,10 @@
 `ChatbotMessageHistory` lets LangChain code (``RunnableWithMessageHistory`` and friends)
 keep its history in the same SQLite file the engine, the terminal and the Discord bot
 use, under the conversation id ``langchain:session:<session_id>``. Human messages are
-stored as ``user`` turns and AI messages as ``bot`` turns; nothing else is kept.
+stored as ``user`` turns and AI messages as ``bot`` turns (a ``ChatMessage`` by its role).
+System messages are left out with a warning: they are instructions sent with every call,
+not turns, and refusing them would lose the whole exchange, since
+``RunnableWithMessageHistory`` only logs a history's error. Other kinds are refused.
 
     store = SQLiteMemoryStore("chatbot.sqlite3")
     chain = RunnableWithMessageHistory(
@@ -15,13 +18,14 @@ stored as ``user`` turns and AI messages as ``bot`` turns; nothing else is kept.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from langchain_core.chat_history import BaseChatMessageHistory
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.messages import AIMessage, BaseMessage, ChatMessage, HumanMessage, SystemMessage
 
 from chatbot.conversation import MAX_CONVERSATION_ID_CHARS, Role, Turn, check_author, check_conversation_id
 from chatbot.errors import ChatbotError
@@ -30,7 +34,9 @@ from chatbot.memory import MAX_TURN_CHARS, MemoryStore
 if TYPE_CHECKING:
     from chatbot.engine import ChatEngine
 
-__all__ = ["ChatbotMessageHistory", "CONVERSATION_PREFIX"]
+__all__ = ["ChatbotMessageHistory", "CONVERSATION_PREFIX", "message_role"]
+
+log = logging.getLogger(__name__)
 
 CONVERSATION_PREFIX = "langchain:session:"
 """Conversation ids of LangChain sessions start with this, so they never mix with Discord or CLI ones."""
@@ -85,6 +91,23 @@ def message_text(message: BaseMessage, label: str) -> str:
             raise ValueError(f"{label} has a content part of type {part_type!r}; the chatbot reads text only")
     # Same joining rule as LangChain's own `BaseMessage.text`.
     return "".join(pieces)
+
+
+_CHAT_ROLES = {"user": "user", "human": "user", "assistant": "bot", "ai": "bot", "system": "system"}
+"""`ChatMessage` roles the chatbot reads (OpenAI's names and LangChain's own)."""
+
+
+def message_role(message: BaseMessage) -> str | None:
+    """``user``, ``bot`` or ``system`` for a message the chatbot reads; None for any other kind."""
+    if isinstance(message, HumanMessage):
+        return "user"
+    if isinstance(message, AIMessage):
+        return "bot"
+    if isinstance(message, SystemMessage):
+        return "system"
+    if isinstance(message, ChatMessage):
+        return _CHAT_ROLES.get(message.role.lower())
+    return None
 
 
 def _text_of(message: BaseMessage, index: int) -> str:
@@ -170,24 +193,25 @@ class ChatbotMessageHistory(BaseChatMessageHistory):
             return HumanMessage(content=text, name=author if author != self.user_name else None)
         return AIMessage(content=text, name=author if author != self.bot_name else None)
 
-    def _to_turn(self, message: object, index: int) -> tuple[str, Role, str]:
-        """(author, role, text) for one message, or a ValueError saying why it cannot be stored."""
+    def _to_turn(self, message: object, index: int) -> tuple[str, Role, str] | None:
+        """(author, role, text) for one message; None for a system message (left out); a
+        ValueError saying why for a message that cannot be stored."""
         if not isinstance(message, BaseMessage):
             raise ValueError(f"message {index} must be a LangChain message, got {type(message).__name__}")
-        if isinstance(message, HumanMessage):
-            role: Role = "user"
-            default = self.user_name
-        elif isinstance(message, AIMessage):
-            if message.tool_calls or message.invalid_tool_calls:
-                # Storing only the text would silently drop the calls and leave a history
-                # the model cannot follow.
-                raise ValueError(f"message {index} (AIMessage) carries tool calls; the chatbot memory keeps only "
-                                 "human and AI text turns")
-            role = "bot"
-            default = self.bot_name
-        else:
-            raise ValueError(f"message {index} is a {type(message).__name__}; the chatbot memory keeps only human "
-                             "and AI turns (put system instructions in the prompt, not the history)")
+        kind = message_role(message)
+        if kind == "system":
+            return None
+        if kind is None:
+            what = f"a ChatMessage with role {message.role!r}" if isinstance(message, ChatMessage) \
+                else f"a {type(message).__name__}"
+            raise ValueError(f"message {index} is {what}; the chatbot memory keeps only human and AI turns")
+        if isinstance(message, AIMessage) and (message.tool_calls or message.invalid_tool_calls):
+            # Storing only the text would silently drop the calls and leave a history
+            # the model cannot follow.
+            raise ValueError(f"message {index} (AIMessage) carries tool calls; the chatbot memory keeps only "
+                             "human and AI text turns")
+        role: Role = "user" if kind == "user" else "bot"
+        default = self.user_name if role == "user" else self.bot_name
         author = _checked_name(message.name, f"message {index} name") if message.name else default
         return author, role, _text_of(message, index)
 
@@ -202,13 +226,18 @@ class ChatbotMessageHistory(BaseChatMessageHistory):
         return [self._to_message(t.role, t.author, t.text) for t in newest]
 
     async def aadd_messages(self, messages: Sequence[BaseMessage]) -> None:
-        """Store human and AI messages in order; any other kind fails the whole batch."""
+        """Store human and AI messages in order, leaving system messages out (with a warning);
+        any other kind fails the whole batch."""
         if isinstance(messages, (str, BaseMessage)):
             raise ValueError(f"`messages` must be a list of messages, got a single {type(messages).__name__}")
         # Every message is checked before the first append, so a bad batch writes
         # nothing. (The store has no multi-turn transaction: a disk failure part way
         # through can still leave the first turns written, each of them whole.)
-        turns = [self._to_turn(m, i) for i, m in enumerate(messages)]
+        checked = [self._to_turn(m, i) for i, m in enumerate(messages)]
+        turns = [t for t in checked if t is not None]
+        if len(turns) < len(checked):
+            log.warning("%s: left out %d system message(s); the history keeps human and AI turns, and system "
+                        "instructions belong in the prompt", self, len(checked) - len(turns))
         for author, role, text in turns:
             await self.store.append(self.conversation_id, author, role, text)
 

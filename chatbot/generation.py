@@ -275,7 +275,9 @@ def load_model(
 
     Hub names are looked up in the local cache only unless ``allow_download`` is set,
     so an air-gapped machine gets an immediate, readable error instead of a network
-    time-out. ``option`` is the command-line option an error tells the user to change.
+    time-out. ``option`` is the option an error tells the user to change: a command-line
+    one (``--model``) or, from Python, a field (```model```), which also names the download
+    switch the same way.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -302,7 +304,8 @@ def load_model(
             source, local_files_only=not allow_download, dtype=_dtype_for(dev)
         )
     except (OSError, ValueError) as err:
-        why = ("not available offline; --allow-download fetches it where there is network"
+        fetch = "--allow-download" if option.startswith("--") else "`allow_download=True`"
+        why = (f"not available offline; {fetch} fetches it where there is network"
                if not allow_download else str(err).splitlines()[0])
         raise _not_found(name, why, option) from None
     model.to(dev)
@@ -342,9 +345,11 @@ class LocalGenerator:
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | os.PathLike[str] | None = None, *, device: str = "auto", allow_download: bool = False
+        cls, name_or_path: str | os.PathLike[str] | None = None, *, device: str = "auto", allow_download: bool = False,
+        option: str = "--model",
     ) -> "LocalGenerator":
-        model, tokenizer = load_model(name_or_path, device=device, allow_download=allow_download)
+        """``option`` is what an error tells the user to change (`load_model`)."""
+        model, tokenizer = load_model(name_or_path, device=device, allow_download=allow_download, option=option)
         return cls(model, tokenizer, resolve_model(name_or_path))
 
     @property

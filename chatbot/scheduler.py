@@ -326,6 +326,9 @@ class BatchingGenerator:
     def count_tokens(self, text: str) -> int:
         return self.base.count_tokens(text)
 
+    def encode(self, text: str) -> list[int]:
+        return self.base.encode(text)
+
     def close(self) -> None:
         with self._lock:  # no request can be queued after this
             self._closed = True

@@ -109,9 +109,8 @@ async def test_clear_removes_only_that_session(store):
 
 
 @pytest.mark.parametrize("bad, named", [
-    (SystemMessage(content="be nice"), "SystemMessage"),
     (ToolMessage(content="42", tool_call_id="call-1"), "ToolMessage"),
-    (ChatMessage(content="hm", role="critic"), "ChatMessage"),
+    (ChatMessage(content="hm", role="critic"), "ChatMessage with role 'critic'"),
     (AIMessage(content="", tool_calls=[{"name": "add", "args": {}, "id": "call-1"}]), "tool calls"),
     (HumanMessage(content=[{"type": "image_url", "image_url": {"url": "x"}}]), "image_url"),
     ("just a string", "str"),
@@ -128,10 +127,21 @@ async def test_bad_message_in_a_batch_writes_nothing(store, bad, named):
     assert await store.count(CID) == 0
 
 
-async def test_system_message_error_says_where_instructions_go(store):
+async def test_system_messages_are_left_out_with_a_warning_and_the_turns_kept(store, caplog):
     history = ChatbotMessageHistory("s1", store)
-    with pytest.raises(ValueError, match="only human and AI turns.*prompt"):
-        await history.aadd_messages([SystemMessage(content="be nice")])
+    with caplog.at_level("WARNING", logger="adapters.langchain_history"):
+        await history.aadd_messages([SystemMessage(content="be nice"), HumanMessage(content="hi"),
+                                     AIMessage(content="hello")])
+    assert [type(m).__name__ for m in await history.aget_messages()] == ["HumanMessage", "AIMessage"]
+    assert "left out 1 system message" in caplog.text and "prompt" in caplog.text
+
+
+async def test_chat_messages_are_stored_by_their_role(store):
+    history = ChatbotMessageHistory("s1", store)
+    await history.aadd_messages([ChatMessage(content="hi", role="user"), ChatMessage(content="hey", role="assistant"),
+                                 ChatMessage(content="be brief", role="system")])
+    assert [(type(m).__name__, m.content) for m in await history.aget_messages()] == [
+        ("HumanMessage", "hi"), ("AIMessage", "hey")]
 
 
 @pytest.mark.parametrize("session_id", ["has space", "", "a/b", "x" * 300, 42])
@@ -223,6 +233,17 @@ def test_runnable_with_message_history(sqlite_store):
                                                  ("user", "second?"), ("bot", "echo: second?")]
     assert [len(m) for m in seen] == [2, 4]  # system + question, then system + first exchange + question
     assert [m.content for m in seen[1][1:3]] == ["first?", "echo: first?"]
+
+
+def test_a_message_list_input_with_a_system_message_keeps_the_exchange(sqlite_store):
+    # The wrapper stores the input messages and the reply after the call, and only logs a
+    # history's error: a refused system message would lose the whole exchange unseen.
+    chain = RunnableWithMessageHistory(RunnableLambda(lambda messages: AIMessage(content="hello ada")),
+                                       lambda sid: ChatbotMessageHistory(sid, sqlite_store))
+    chain.invoke([SystemMessage(content="be kind"), HumanMessage(content="hi")],
+                 config={"configurable": {"session_id": "abc"}})
+    turns = asyncio.run(sqlite_store.newest("langchain:session:abc", 10))
+    assert [(t.role, t.text) for t in turns] == [("user", "hi"), ("bot", "hello ada")]
 
 
 async def test_runnable_with_message_history_async(sqlite_store):

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import AIMessage, ChatMessage, HumanMessage, SystemMessage, ToolMessage, trim_messages
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import PromptTemplate
 
@@ -108,8 +108,51 @@ def test_bad_settings_are_clear_errors(gen):
 def test_model_not_found_offline_is_a_clear_error():
     from chatbot.errors import ModelNotFoundError
 
-    with pytest.raises(ModelNotFoundError, match="not available offline"):
+    # The error names the field to change, not the command line's option.
+    with pytest.raises(ModelNotFoundError, match="not available offline; `allow_download=True`.*point `model` at"):
         GPT2LLM(model="some-org/not-a-cached-model")
+
+
+def test_mistakes_in_a_call_are_clear_errors(llm, gen):
+    with pytest.raises(ValueError, match="empty"):
+        llm.invoke("")
+    with pytest.raises(ValueError, match="empty"):
+        list(llm.stream(""))
+    with pytest.raises(ValueError, match=f"below the model's context of {gen.context_size} tokens"):
+        GPT2LLM(generator=gen, max_new_tokens=gen.context_size)
+    with pytest.raises(ValueError, match=f"below the model's context of {gen.context_size} tokens"):
+        llm.invoke(PROMPTS[0], max_new_tokens=gen.context_size)
+    with pytest.raises(ValueError, match="avoid_repeats: the engine applies"):
+        llm.invoke(PROMPTS[0], avoid_repeats=False)
+
+
+def test_langchains_names_work_per_call_too(llm):
+    assert llm.invoke(PROMPTS[0], max_tokens=3, timeout=30) == llm.invoke(PROMPTS[0], max_new_tokens=3)
+    assert llm.invoke(PROMPTS[0], max_tokens=3) != llm.invoke(PROMPTS[0])  # 12 tokens by default
+
+
+def test_a_stop_given_as_one_string_is_one_stop(gen, monkeypatch):
+    llm = GPT2LLM(generator=gen, preset="greedy", max_new_tokens=40, safety=False)
+    script_model(gen, monkeypatch, " sure thing STOPHERE and then some more words")
+    assert llm.invoke(PROMPTS[0], stop="STOPHERE") == llm.invoke(PROMPTS[0], stop=["STOPHERE"]) == "sure thing"
+
+
+def test_tokens_are_counted_with_the_models_own_tokenizer(llm, gen):
+    chat = ChatGPT2(generator=gen)
+    text = "hello there, how are you today?"
+    assert llm.get_num_tokens(text) == chat.get_num_tokens(text) == gen.count_tokens(text) > 0
+    # So LangChain's trimming, counting with the model, keeps only what fits.
+    history = [HumanMessage(f"message number {i}") if i % 2 == 0 else AIMessage(f"reply {i}") for i in range(30)]
+    kept = trim_messages(history, max_tokens=40, token_counter=chat, strategy="last")
+    assert 0 < len(kept) < len(history) and chat.get_num_tokens_from_messages(kept) <= 40
+
+
+def test_streaming_true_makes_invoke_fire_a_callback_per_piece(gen):
+    llm = GPT2LLM(generator=gen, preset="greedy", max_new_tokens=12, safety=False, streaming=True)
+    handler = Tokens()
+    out = llm.invoke(PROMPTS[2], config={"callbacks": [handler]})
+    assert len(handler.tokens) >= 1 and "".join(handler.tokens) == out
+    assert out == GPT2LLM(generator=gen, preset="greedy", max_new_tokens=12, safety=False).invoke(PROMPTS[2])
 
 
 def test_unsafe_output_is_replaced(gen, monkeypatch):
@@ -177,6 +220,22 @@ def test_chat_declares_what_it_cannot_do(chat):
         chat.invoke([HumanMessage("hi"), ToolMessage("42", tool_call_id="x")])
     with pytest.raises(ValueError, match="text only"):
         chat.invoke([HumanMessage(content=[{"type": "image_url", "image_url": {"url": "http://x/y.png"}}])])
+
+
+def test_chat_takes_chat_messages_by_role_and_refuses_what_it_cannot_read(chat, gen, monkeypatch):
+    seen = []
+    real = gen.generate
+    monkeypatch.setattr(gen, "generate", lambda requests: seen.extend(requests) or real(requests))
+    chat.invoke([ChatMessage(content="Bot is kind.", role="system"), ChatMessage(content="hi", role="user"),
+                 ChatMessage(content="hello!", role="assistant"), HumanMessage("")])
+    assert seen[0].prompt == "Bot is kind.\nUser: hi\nBot: hello!\nBot:"  # the empty message is left out
+    with pytest.raises(ValueError, match="role 'critic'"):
+        chat.invoke([ChatMessage(content="hm", role="critic")])
+    for nothing in ([], [HumanMessage("")], [SystemMessage("be kind"), HumanMessage("  ")]):
+        with pytest.raises(ValueError, match="at least one human or AI message with text"):
+            chat.invoke(nothing)
+    with pytest.raises(ValueError, match="at most 20000"):
+        chat.invoke([HumanMessage("x" * 20_001)])
 
 
 def test_chat_user_text_cannot_forge_a_turn(chat, gen, monkeypatch):
