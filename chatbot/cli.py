@@ -265,6 +265,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .prompting import Utterance
 
     settings = _decoding(args)
+    if not args.prompt.strip():
+        raise ChatbotError("the prompt is empty; give some text to " + ("continue" if args.raw else "answer"))
     gen = LocalGenerator.from_pretrained(args.model, device=args.device or "auto", allow_download=args.allow_download)
     if args.raw:
         request = GenerationRequest(args.prompt, settings)
@@ -364,12 +366,13 @@ def run_chat(settings: Any, *, conversation_id: str, name: str, persona: str | N
         return loop.run_until_complete(coro)
 
     try:
-        if reset:
-            run(engine.reset(conversation_id))
+        # The choices first: a mistyped persona must not cost the conversation --reset forgets.
         if persona is not None:
             run(engine.set_persona(conversation_id, persona))
         if preset is not None:
             run(engine.set_preset(conversation_id, preset))
+        if reset:
+            run(engine.reset(conversation_id))
         if interactive:
             _greet(run, engine, settings, conversation_id, name)
         while True:
@@ -386,7 +389,7 @@ def run_chat(settings: Any, *, conversation_id: str, name: str, persona: str | N
                     print("(empty message ignored)", flush=True)
                 continue
             if text.startswith("/"):
-                out = _chat_command(run, engine, conversation_id, text)
+                out = _chat_command(run, engine, conversation_id, text, interactive=interactive)
                 if out is None:
                     break
                 print(out, flush=True)
@@ -445,8 +448,8 @@ def _stream_reply(loop: Any, engine: Any, conversation_id: str, name: str, text:
         print(" (stopped)")
 
 
-def _chat_command(run: Any, engine: Any, conversation_id: str, text: str) -> str | None:
-    """Run one /command; returns what to print, or None to leave."""
+def _chat_command(run: Any, engine: Any, conversation_id: str, text: str, *, interactive: bool = True) -> str | None:
+    """Run one /command; returns what to print (one line when piped), or None to leave."""
     from .generation import PRESETS
 
     command, _, arg = text.partition(" ")
@@ -455,8 +458,11 @@ def _chat_command(run: Any, engine: Any, conversation_id: str, text: str) -> str
         if command in ("/quit", "/exit"):
             return None
         if command == "/help":
-            return CHAT_HELP
+            return CHAT_HELP if interactive else "(commands: " + "; ".join(
+                " ".join(line.split()) for line in CHAT_HELP.splitlines()[1:]) + ")"
         if command == "/reset":
+            if arg:  # forgetting is not undone: "/reset cli:other" must not forget this one instead
+                return f"(/reset takes no argument; it forgets this conversation, {conversation_id})"
             removed = run(engine.reset(conversation_id))
             return f"(forgot {removed} turns of {conversation_id})"
         if command == "/persona":

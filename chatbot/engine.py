@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -242,6 +243,9 @@ class ChatEngine:
         tokenizer = getattr(generator, "tokenizer", None)
         self._special_tokens = tuple(getattr(tokenizer, "all_special_tokens", ())) or (
             getattr(generator.format, "eos_token", "<|endoftext|>"),)
+        # A reply budget that leaves the default persona no room would fail every message: fail now.
+        preset = self.settings.preset or self.default_persona.preset
+        self._planner(self.default_persona, self._decoding(self.default_persona, preset, None))([])
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> "ChatEngine":
@@ -655,10 +659,9 @@ class ChatEngine:
         options = await self.store.get_options(conversation_id)
         chosen, preset_name = self._resolve(options, persona, preset)
         settings = self._decoding(chosen, preset_name, decoding)
-        budget = self.generator.context_size - settings.max_new_tokens
-        if budget < 1:
-            raise ChatbotError(f"`max_new_tokens` must be below the model's context of "
-                               f"{self.generator.context_size} tokens, got {settings.max_new_tokens}")
+        plan = self._planner(chosen, settings)
+        # The persona alone must fit the window: checked before the user's turn is stored.
+        await asyncio.to_thread(plan, [])
 
         earlier = await self.store.newest(conversation_id, self.settings.max_history_turns - 1)
         speakers = self._speakers(earlier, chosen, author)
@@ -668,11 +671,7 @@ class ChatEngine:
         turns = [*earlier, user_turn]
         total = await self.store.count(conversation_id)
         # Building the window tokenizes the history several times: off the event loop.
-        planned = await asyncio.to_thread(
-            plan_prompt, turns, fmt=self.generator.format, speaker=chosen.speaker,
-            count_tokens=self.generator.count_tokens, budget=budget, preamble=chosen.description,
-            pinned=chosen.example_turns(EXAMPLE_USER), speakers=(EXAMPLE_USER,), first_position=total - len(turns),
-            chunk=self.settings.window_chunk)
+        planned = await asyncio.to_thread(plan, turns, first_position=total - len(turns))
         window = planned.window
         recent = tuple(t.text for t in earlier if t.role == "bot")[-settings.repeat_lookback:]
         if window.dropped:
@@ -680,6 +679,17 @@ class ChatEngine:
         request = GenerationRequest(planned.prompt, settings, planned.stop_strings, planned.bot_texts,
                                     cancel=threading.Event())
         return _Plan(chosen, settings, request, window, user_turn, window.tokens, recent, tuple(sorted(speakers)))
+
+    def _planner(self, persona: Persona, settings: DecodingSettings) -> Callable[..., Any]:
+        """`plan_prompt` for ``persona``'s conversations under ``settings``, given the turns."""
+        budget = self.generator.context_size - settings.max_new_tokens
+        if budget < 1:
+            raise ChatbotError(f"`max_new_tokens` must be below the model's context of "
+                               f"{self.generator.context_size} tokens, got {settings.max_new_tokens}")
+        return functools.partial(
+            plan_prompt, fmt=self.generator.format, speaker=persona.speaker, count_tokens=self.generator.count_tokens,
+            budget=budget, preamble=persona.description, pinned=persona.example_turns(EXAMPLE_USER),
+            speakers=(EXAMPLE_USER,), chunk=self.settings.window_chunk)
 
     async def _maybe_expire(self) -> None:
         days = self.settings.expire_after_days

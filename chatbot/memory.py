@@ -214,7 +214,12 @@ class SQLiteMemoryStore:
         with self._lock:
             if self._closed:
                 raise ChatbotError("the memory store is closed")
-            return fn(*args)
+            try:
+                return fn(*args)
+            except sqlite3.DatabaseError as err:
+                # A damaged file, a full disk, a lock held too long: the user's to fix, so
+                # an error that says which file (a write's transaction was rolled back).
+                raise ChatbotError(f"the memory database {self.path} failed: {err}") from err
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.to_thread(self._run, fn, *args)

@@ -102,6 +102,24 @@ def test_chat_remembers_across_runs_and_resets(capsys, monkeypatch, tiny_dir, ch
     assert out.strip() == "(forgot 0 turns of cli:work)"
 
 
+def test_a_mistyped_persona_with_reset_forgets_nothing(capsys, monkeypatch, tiny_dir, chat_env):
+    assert chat(capsys, monkeypatch, tiny_dir, ["hello"])[0] == 0
+    code, _, err = chat(capsys, monkeypatch, tiny_dir, ["hi"], "--reset", "--persona", "nobody")
+    assert code == 2 and "unknown persona 'nobody'" in err
+    # /reset with an argument is refused (it would forget this conversation, not the one named).
+    code, out, _ = chat(capsys, monkeypatch, tiny_dir, ["/reset cli:other", "/help", "/reset"])
+    lines = out.splitlines()
+    assert lines[0] == "(/reset takes no argument; it forgets this conversation, cli:local)"
+    assert lines[1].startswith("(commands: /help") and lines[1].endswith(")")  # one line, piped
+    assert lines[2] == "(forgot 2 turns of cli:local)" and len(lines) == 3
+
+
+@pytest.mark.parametrize("argv", [["generate", ""], ["generate", "--raw", "  "]])
+def test_generate_refuses_an_empty_prompt(capsys, tiny_dir, argv):
+    code, out, err = run(capsys, *argv, "--model", str(tiny_dir))
+    assert code == 2 and out == "" and err.startswith("error: the prompt is empty")
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -148,7 +148,14 @@ async def test_bad_choices_fail_before_anything_is_stored(engine):
         await engine.respond("cli:t", "ada", "hi", decoding={"top_pp": 0.5})
     with pytest.raises(ChatbotError, match="`max_new_tokens` must be below the model's context of 256"):
         await engine.respond("cli:t", "ada", "hi", decoding={"max_new_tokens": 256})
+    with pytest.raises(ChatbotError, match="the persona text takes .* tokens, more than the window's 6"):
+        await engine.respond("cli:t", "ada", "hi", decoding={"max_new_tokens": 250})
     assert await engine.count("cli:t") == 0
+
+
+def test_settings_that_leave_the_persona_no_room_fail_when_the_engine_starts(gen, tiny_prompts):
+    with pytest.raises(ChatbotError, match="the persona text takes .* tokens, more than the window's 6"):
+        make_engine(gen, InMemoryStore(), tiny_prompts, decoding={"max_new_tokens": 250})
 
 
 async def test_generator_failure_keeps_the_user_turn_and_the_engine_usable(engine, gen, monkeypatch):

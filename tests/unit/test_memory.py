@@ -321,3 +321,16 @@ def test_sigkill_never_loses_an_acknowledged_turn(tmp_path):
         missing = set(acknowledged) - stored
         assert not missing, f"round {round_}: acknowledged turns lost: {sorted(missing)[:5]}"
     assert len(acknowledged) >= sum(20 + 13 * r for r in range(6))
+
+
+async def test_a_database_failure_in_use_is_an_error_naming_the_file_and_writes_nothing(tmp_path):
+    path = tmp_path / "m.sqlite3"
+    store = SQLiteMemoryStore(path)
+    await store.append("cli:local", "ada", "user", "hello")
+    # A real SQLite failure on the open file (as a full disk or a damaged page gives one).
+    store._conn.execute("PRAGMA query_only=ON")
+    with pytest.raises(ChatbotError, match=f"the memory database {path} failed: attempt to write a readonly"):
+        await store.append("cli:local", "ada", "user", "lost?")
+    store._conn.execute("PRAGMA query_only=OFF")
+    assert [t.text for t in await store.newest("cli:local", 10)] == ["hello"]
+    await store.close()
