@@ -303,10 +303,13 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             source, local_files_only=not allow_download, dtype=_dtype_for(dev)
         )
-    except (OSError, ValueError) as err:
+    except Exception as err:  # a bad model's files fail in many types (OSError, ValueError, safetensors' own)
         fetch = "--allow-download" if option.startswith("--") else "`allow_download=True`"
-        why = (f"not available offline; {fetch} fetches it where there is network"
-               if not allow_download else str(err).splitlines()[0])
+        if looks_like_path or allow_download:
+            lines = str(err).strip().splitlines()
+            why = f"{type(err).__name__}: {lines[0] if lines else 'no message'}"
+        else:
+            why = f"not available offline; {fetch} fetches it where there is network"
         raise _not_found(name, why, option) from None
     model.to(dev)
     model.eval()

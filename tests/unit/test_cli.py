@@ -31,6 +31,20 @@ def test_missing_model_directory(capsys, tmp_path):
     assert code == 2 and "no such directory" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("damage", ["weights", "config"])
+def test_a_damaged_model_directory_is_one_line_saying_what_failed(capsys, tmp_path, tiny_dir, damage):
+    import shutil
+
+    broken = shutil.copytree(tiny_dir, tmp_path / "broken")
+    if damage == "weights":
+        (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:100])
+    else:
+        (broken / "config.json").write_text("{not json")
+    code, out, err = run(capsys, "generate", "--model", str(broken), "hi")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: cannot load model '{broken}' (") and "offline" not in err
+
+
 def test_missing_training_data(capsys, tmp_path):
     code, _, err = run(capsys, "train", "--data", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "m"))
     assert code == 2 and err.strip() == f"error: {tmp_path / 'none.jsonl'}: no such file"

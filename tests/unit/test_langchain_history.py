@@ -170,10 +170,8 @@ def test_bad_settings_name_the_setting(store, kwargs, named):
         ChatbotMessageHistory("s1", store, **kwargs)
 
 
-async def test_engine_store_is_used(tiny_prompts):
-    # The history only needs the engine's store; a stub generator keeps the model out of it.
-    engine = ChatEngine(types.SimpleNamespace(format=None), InMemoryStore(),
-                        Settings(persona="tester", prompts_dir=tiny_prompts))
+async def test_engine_store_is_used(tiny_prompts, roomy_gen):
+    engine = ChatEngine(roomy_gen, InMemoryStore(), Settings(persona="tester", prompts_dir=tiny_prompts))
     try:
         history = ChatbotMessageHistory("s1", engine=engine)
         assert history.store is engine.store
