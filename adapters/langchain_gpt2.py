@@ -34,6 +34,7 @@ from chatbot.generation import (
     apply_overrides,
     get_preset,
     make_overrides,
+    prompt_budget,
     resolve_model,
 )
 from chatbot.memory import MAX_TURN_CHARS
@@ -114,11 +115,11 @@ class _GPT2Mixin(BaseModel):
     _filters: FilterChain | None = PrivateAttr(default=None)
 
     def _setup(self) -> None:
-        self._checked_length(self.decoding())  # every value checked now, with the field named
+        settings = self.decoding()  # every value checked now, with the field named
         if self.generator is None:
             object.__setattr__(self, "generator",
                                _shared_generator(resolve_model(self.model), self.device, self.allow_download))
-            self._checked_length(self.decoding())
+        self._checked_length(settings)
         if self.safety:
             self._filters = output_chain(toxicity_threshold=self.toxicity_threshold)
 
@@ -151,10 +152,10 @@ class _GPT2Mixin(BaseModel):
 
     def _checked_length(self, settings: DecodingSettings) -> DecodingSettings:
         """``settings``, when its reply length leaves room for a prompt in the model's context."""
-        context = getattr(self.generator, "context_size", None)
-        if context is not None and settings.max_new_tokens >= context:
-            raise ValueError(f"`max_new_tokens` must be below the model's context of {context} tokens, "
-                             f"got {settings.max_new_tokens}")
+        try:
+            prompt_budget(self.generator.context_size, settings)
+        except ChatbotError as err:
+            raise ValueError(str(err)) from None
         return settings
 
     def _stops(self, stop: list[str] | str | None) -> tuple[str, ...]:

@@ -28,7 +28,15 @@ from typing import Any, TypeVar
 from .config import Settings
 from .conversation import Turn, Window, check_author, check_conversation_id, plan_prompt
 from .errors import ChatbotError
-from .generation import DecodingSettings, GenerationRequest, Generator, apply_overrides, get_preset, make_overrides
+from .generation import (
+    DecodingSettings,
+    GenerationRequest,
+    Generator,
+    apply_overrides,
+    get_preset,
+    make_overrides,
+    prompt_budget,
+)
 from .memory import MemoryStore, check_author_key, open_store
 from .prompting import Persona, get_persona, list_personas
 from .repetition import max_similarity
@@ -682,10 +690,7 @@ class ChatEngine:
 
     def _planner(self, persona: Persona, settings: DecodingSettings) -> Callable[..., Any]:
         """`plan_prompt` for ``persona``'s conversations under ``settings``, given the turns."""
-        budget = self.generator.context_size - settings.max_new_tokens
-        if budget < 1:
-            raise ChatbotError(f"`max_new_tokens` must be below the model's context of "
-                               f"{self.generator.context_size} tokens, got {settings.max_new_tokens}")
+        budget = prompt_budget(self.generator.context_size, settings)
         return functools.partial(
             plan_prompt, fmt=self.generator.format, speaker=persona.speaker, count_tokens=self.generator.count_tokens,
             budget=budget, preamble=persona.description, pinned=persona.example_turns(EXAMPLE_USER),

@@ -257,6 +257,16 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None) -> str:
     return str(name_or_path)
 
 
+def prompt_budget(context_size: int, settings: DecodingSettings) -> int:
+    """Tokens left for the prompt once the reply's ``max_new_tokens`` are set aside; a
+    `ChatbotError` when none are."""
+    budget = context_size - settings.max_new_tokens
+    if budget < 1:
+        raise ChatbotError(f"`max_new_tokens` must be below the model's context of {context_size} tokens, "
+                           f"got {settings.max_new_tokens}")
+    return budget
+
+
 def _not_found(name: str, why: str, option: str = "--model") -> ModelNotFoundError:
     return ModelNotFoundError(
         f"cannot load model {name!r} ({why}); point {option} at a local directory that holds a "
@@ -456,12 +466,7 @@ class LocalGenerator:
         import torch
 
         tok = self.tokenizer
-        budget = self.context_size - settings.max_new_tokens
-        if budget < 1:
-            raise ChatbotError(
-                f"`max_new_tokens` must be below the model's context of {self.context_size} tokens, "
-                f"got {settings.max_new_tokens}"
-            )
+        budget = prompt_budget(self.context_size, settings)
         # The conversation window trims by turns; truncating here is the last guard
         # against running past the model's positions.
         enc = tok([r.prompt for r in requests], return_tensors="pt", padding=True, truncation=True,

@@ -55,6 +55,7 @@ from .generation import (
     LocalGenerator,
     _stop_prefix_len,
     _trim_to_sentence,
+    prompt_budget,
 )
 from .prompting import cut_at_stop
 
@@ -391,10 +392,7 @@ class BatchingGenerator:
         import torch
 
         s = request.settings
-        budget = self.context_size - s.max_new_tokens
-        if budget < 1:
-            raise ChatbotError(f"`max_new_tokens` must be below the model's context of {self.context_size} tokens, "
-                               f"got {s.max_new_tokens}")
+        budget = prompt_budget(self.context_size, s)
         ids = list(prompt_ids if prompt_ids is not None else self.base.encode(request.prompt))[-budget:]
         if not ids:
             ids = [self.tokenizer.eos_token_id]
