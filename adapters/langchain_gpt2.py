@@ -36,6 +36,7 @@ from chatbot.generation import (
     make_overrides,
     prompt_budget,
     resolve_model,
+    seeded_for,
 )
 from chatbot.memory import MAX_TURN_CHARS
 from chatbot.prompting import clean_speaker, get_persona
@@ -422,7 +423,9 @@ class ChatGPT2(_GPT2Mixin, BaseChatModel):
         except ChatbotError as err:
             raise ValueError(str(err)) from None
         stops = (*planned.stop_strings, *self._stops(stop))
-        return GenerationRequest(planned.prompt, settings, stops, planned.bot_texts)
+        # A call carries its whole conversation: with a seed, the same messages get the same reply
+        # and other messages another seed, not the same random draws.
+        return GenerationRequest(planned.prompt, seeded_for(settings, planned.prompt), stops, planned.bot_texts)
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:

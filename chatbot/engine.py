@@ -36,6 +36,7 @@ from .generation import (
     get_preset,
     make_overrides,
     prompt_budget,
+    seeded_for,
 )
 from .memory import MemoryStore, check_author_key, open_store
 from .prompting import Persona, get_persona, list_personas
@@ -684,8 +685,9 @@ class ChatEngine:
         recent = tuple(t.text for t in earlier if t.role == "bot")[-settings.repeat_lookback:]
         if window.dropped:
             log.info("%s: window dropped %d turns", conversation_id, len(window.dropped))
-        request = GenerationRequest(planned.prompt, settings, planned.stop_strings, planned.bot_texts,
-                                    cancel=threading.Event())
+        # The user's seed makes the conversation reproducible; each reply samples with a seed of its own.
+        request = GenerationRequest(planned.prompt, seeded_for(settings, conversation_id, total),
+                                    planned.stop_strings, planned.bot_texts, cancel=threading.Event())
         return _Plan(chosen, settings, request, window, user_turn, window.tokens, recent, tuple(sorted(speakers)))
 
     def _planner(self, persona: Persona, settings: DecodingSettings) -> Callable[..., Any]:

@@ -9,14 +9,17 @@ stays cheap (`python bot.py --help` does not load torch).
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import logging
 import os
+import queue
 import re
 import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -139,6 +142,24 @@ PRESETS: dict[str, DecodingSettings] = {
     "plain": DecodingSettings(**REPETITION_OFF),
 }
 """Named decoding styles a persona (or a user) can pick; each is a full `DecodingSettings`."""
+
+
+def derive_seed(seed: int, *where: object) -> int:
+    """The seed of one reply, from the user's seed and where the reply stands (a conversation and
+    its turn, say): the same inputs give the same seed, every other position another one. A hash
+    rather than arithmetic, so no two positions collide however long a conversation runs."""
+    digest = hashlib.sha256(":".join(map(str, (seed, *where))).encode()).digest()
+    return int.from_bytes(digest[:4], "big") >> 1
+
+
+def seeded_for(settings: DecodingSettings, *where: object) -> DecodingSettings:
+    """``settings`` with its seed replaced by `derive_seed` for ``where``; unchanged without a seed.
+
+    A user's seed makes a whole conversation reproducible; used as it is for every reply,
+    it would make the replies alike (the same random draws at every turn)."""
+    if settings.seed is None:
+        return settings
+    return settings.model_copy(update={"seed": derive_seed(settings.seed, *where)})
 
 
 def get_preset(name: str) -> DecodingSettings:
@@ -496,26 +517,50 @@ class LocalGenerator:
             torch.manual_seed(settings.seed)
         return enc, kwargs
 
+    @functools.cached_property
+    def byte_piece_ids(self) -> frozenset[int]:
+        """Ids of the tokenizer's byte-fallback pieces (``<0xE2>``); see `ReplyText`."""
+        return frozenset(i for piece, i in self.tokenizer.get_vocab().items() if _BYTE_PIECE.fullmatch(piece))
+
+    def reply_text(self, stops: Sequence[str]) -> ReplyText:
+        """A `ReplyText` for one reply that ends at ``stops`` or the end-of-text token."""
+        return ReplyText(self.tokenizer, [*stops, self.tokenizer.eos_token], self.byte_piece_ids)
+
     def stream(self, request: GenerationRequest) -> Iterator[str]:
         """Yield the reply in pieces as it is generated, never any part of a stop string.
 
-        transformers' `TextIteratorStreamer` hands over decoded text while `generate`
-        runs in a worker thread; text that could be the beginning of a stop string is
-        held back until the next piece shows whether it is one. A reply cut by the token
+        `generate` runs in a worker thread and hands over each new token; `ReplyText` decodes
+        the reply as `generate` does and releases only what later tokens cannot change, so
+        the pieces join to exactly the text `generate` returns. A reply cut by the token
         limit is not trimmed back to its last sentence as `generate` does: that text has
         already been shown. Closing the iterator early stops the generation at the next
         token.
         """
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
 
         closed = threading.Event()
+        arrived: queue.Queue[list[int] | None] = queue.Queue()
 
         class _Closed(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
                 return closed.is_set() or (request.cancel is not None and request.cancel.is_set())
 
-        stops = list(request.stop_strings) + [self.tokenizer.eos_token]
+        class _Tokens(BaseStreamer):
+            """Token ids as `generate` makes them: the prompt first (skipped), then each new token."""
+
+            prompt_seen = False
+
+            def put(self, value: Any) -> None:
+                if self.prompt_seen:
+                    arrived.put(value.reshape(-1).tolist())
+                self.prompt_seen = True
+
+            def end(self) -> None:
+                arrived.put(None)
+
         failure: list[BaseException] = []
+        streamer = _Tokens()
 
         def run() -> None:
             import torch
@@ -533,42 +578,35 @@ class LocalGenerator:
         self._model_lock.acquire()
         try:
             enc, kwargs = self._prepare([request], request.settings, request.stop_strings)
-            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, timeout=request.settings.max_time + 30)
             worker = threading.Thread(target=run, name="generate-stream", daemon=True)
             worker.start()
         except BaseException:
             self._model_lock.release()
             raise
-        text, sent = "", 0
+        reply = self.reply_text(request.stop_strings)
+        wait = request.settings.max_time + 30
         try:
-            for piece in streamer:
-                text += piece
-                kept, stopped = cut_at_stop(text, stops)
-                if stopped:
-                    text = kept
+            while True:
+                try:
+                    ids = arrived.get(timeout=wait)
+                except queue.Empty:
+                    raise ChatbotError(f"the model gave no token for {wait:g} s") from None
+                if ids is None:
                     break
-                safe = len(text) - _stop_prefix_len(text, stops)
-                # Trailing spaces wait for the next word: if a stop string comes next they are
-                # dropped, as `generate` strips them, so both give the same text.
-                while safe > sent and text[safe - 1].isspace():
-                    safe -= 1
-                if safe > sent:
-                    out = text[sent:safe]
-                    if sent == 0:
-                        out = out.lstrip()
-                    if out:
-                        yield out
-                    sent = safe
+                reply.add(ids)
+                piece = reply.release()
+                if piece:
+                    yield piece
+                if reply.stopped:
+                    break
         finally:
             closed.set()
             worker.join()
         if failure:
             raise failure[0]
-        tail = text[sent:].rstrip()
-        if sent == 0:
-            tail = tail.lstrip()
-        if tail:
-            yield tail
+        piece = reply.release(final=True)
+        if piece:
+            yield piece
 
     def _generate_batch(
         self, requests: Sequence[GenerationRequest], settings: DecodingSettings, stops: tuple[str, ...]
@@ -609,6 +647,89 @@ class LocalGenerator:
                     text = _trim_to_sentence(text)
             results.append(GenerationResult(text.strip(), int(mask.sum()), n_new, reason, seconds))
         return results
+
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+class ReplyText:
+    """A reply's text as its tokens arrive, decoded as the finished reply is, and the part of it
+    that is final, so streamed pieces join to exactly the text that is returned and stored.
+
+    Why by hand: transformers' `TextIteratorStreamer` decodes the tokens after each newline
+    apart from those before, so a character whose bytes span that point decodes differently
+    than in the whole reply (a different number of U+FFFD). Here the whole reply is decoded
+    every time, and what later tokens could still change is held back:
+
+    - a character still missing bytes (byte-level BPE decodes it as a trailing U+FFFD);
+    - the text of a trailing run of byte-fallback pieces (``<0xF0>``, sentencepiece): one
+      more byte can turn the whole run into other characters;
+    - the possible beginning of a stop string, and trailing whitespace (stripped if the
+      reply ends there).
+    """
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str], byte_piece_ids: frozenset[int] = frozenset()) -> None:
+        self._tokenizer = tokenizer
+        self._stops = list(stops)
+        self._byte_ids = byte_piece_ids
+        self.ids: list[int] = []
+        self.text = ""
+        """The reply so far, cut before the first stop string."""
+        self.stopped = False
+        """A stop string (or the end-of-text token) has come for good: the reply is complete."""
+        self._stable = 0
+        self._sent = 0
+        self._released = ""
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=False)
+
+    def add(self, ids: Iterable[int]) -> None:
+        """The next token(s) of the reply."""
+        if self.stopped:
+            return
+        self.ids.extend(ids)
+        raw = self._decode(self.ids)
+        self.text, found = cut_at_stop(raw, self._stops)
+        self._stable = self._stable_len(raw)
+        # A stop string counts once no later token can change it: a newline byte, say, can
+        # still become part of an invalid byte run that decodes to U+FFFD instead.
+        self.stopped = found and cut_at_stop(raw[: self._stable], self._stops)[1]
+
+    def release(self, final: bool = False) -> str:
+        """The text that became final since the last call ("" when none did). ``final``: no
+        token will come, so the rest is released (without trailing whitespace)."""
+        text = self.text
+        if final or self.stopped:
+            safe = len(text.rstrip())
+        else:
+            safe = min(self._stable, len(text) - _stop_prefix_len(text, self._stops))
+            while safe > self._sent and text[safe - 1].isspace():
+                safe -= 1
+        if safe <= self._sent:
+            return ""
+        if not text.startswith(self._released):
+            # Some tokenizer's decoding of the shorter reply was not a prefix of the longer one.
+            log.warning("streamed text %r is not the start of the decoded reply %r", self._released, text)
+            return ""
+        out = text[self._sent:safe]
+        if self._sent == 0:
+            out = out.lstrip()
+        self._sent = safe
+        self._released = text[:safe]
+        return out
+
+    def _stable_len(self, text: str) -> int:
+        """How much of ``text``, the decoded reply, no later token can change."""
+        run = 0
+        while run < len(self.ids) and self.ids[-1 - run] in self._byte_ids:
+            run += 1
+        n = len(text)
+        if run:
+            n = len(os.path.commonprefix([self._decode(self.ids[:-run]), text]))
+        while n and text[n - 1] == "\ufffd":
+            n -= 1
+        return n
 
 
 def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:

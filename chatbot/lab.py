@@ -15,7 +15,6 @@ the same transcripts and numbers (latency aside).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import re
 import tempfile
@@ -40,6 +39,7 @@ from .generation import (
     DecodingOverrides,
     DecodingSettings,
     apply_overrides,
+    derive_seed,
     get_preset,
     make_overrides,
     resolve_model,
@@ -453,12 +453,8 @@ def prepare(path: str | Path, settings: Any, *, models: Sequence[str] = (), seed
 
 
 def turn_seed(seed: int, sample: int, conversation: int, turn: int) -> int:
-    """The sampling seed of one reply: the same in every cell, different for every (sample, conversation, turn).
-
-    A hash rather than arithmetic, so no two positions collide however long the scenario is.
-    """
-    digest = hashlib.sha256(f"{seed}:{sample}:{conversation}:{turn}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") >> 1
+    """The sampling seed of one reply: the same in every cell, different for every (sample, conversation, turn)."""
+    return derive_seed(seed, sample, conversation, turn)
 
 
 # --------------------------------------------------------------------------- running it

@@ -53,11 +53,10 @@ from .generation import (
     GenerationRequest,
     GenerationResult,
     LocalGenerator,
-    _stop_prefix_len,
+    ReplyText,
     _trim_to_sentence,
     prompt_budget,
 )
-from .prompting import cut_at_stop
 
 __all__ = ["BatchingGenerator", "GeneratorBusy", "PrefixCache"]
 
@@ -227,9 +226,9 @@ class _Sequence:
     started: float
     future: Future[GenerationResult] | None = None
     pieces: queue.Queue[tuple[str, Any]] | None = None
-    stops: tuple[str, ...] = ()
+    reply: ReplyText | None = None
+    """The reply's text as its tokens come (`ReplyText`), with the request's stop strings."""
     text: str = ""
-    sent: int = 0
     done: str | None = None
     generated: list[int] = field(default_factory=list)
     delivered: bool = False
@@ -418,9 +417,10 @@ class BatchingGenerator:
                 sampler.seed()
         now = time.perf_counter()
         # With `ignore_eos` (benchmarks) end-of-text is an ordinary token, in the ids and in the text.
-        ends = () if self.ignore_eos else (self.tokenizer.eos_token,)
+        reply = (ReplyText(self.tokenizer, request.stop_strings, self.base.byte_piece_ids) if self.ignore_eos
+                 else self.base.reply_text(request.stop_strings))
         return _Sequence(request, list(ids), len(ids), processors, warpers, sampler, now + s.max_time, now,
-                         stops=tuple(request.stop_strings) + ends)
+                         reply=reply)
 
     # ------------------------------------------------------------------ the scheduler thread
 
@@ -741,10 +741,10 @@ class BatchingGenerator:
         if token == tok.eos_token_id and not self.ignore_eos:
             seq.done = "stop"
         else:
-            seq.text = tok.decode(seq.generated, skip_special_tokens=False)
-            kept, stopped = cut_at_stop(seq.text, seq.stops)
-            if stopped:
-                seq.text, seq.done = kept, "stop"
+            seq.reply.add([token])  # type: ignore[union-attr]
+            seq.text = seq.reply.text  # type: ignore[union-attr]
+            if seq.reply.stopped:  # type: ignore[union-attr]
+                seq.done = "stop"
         if seq.done is None:
             if len(seq.generated) >= s.max_new_tokens:
                 seq.done = "length"
@@ -760,23 +760,9 @@ class BatchingGenerator:
             self._finish(seq)
 
     def _release(self, seq: _Sequence) -> None:
-        text = seq.text
-        if seq.done is None:
-            # Whole words only, as transformers' TextIteratorStreamer releases them: the
-            # bytes of a character split over several tokens decode differently until all
-            # have arrived. Trailing spaces wait too (a stop string may follow).
-            safe = min(len(text) - _stop_prefix_len(text, seq.stops), max(text.rfind(" "), text.rfind("\n")) + 1)
-            while safe > seq.sent and text[safe - 1].isspace():
-                safe -= 1
-        else:
-            safe = len(text.rstrip())
-        if safe > seq.sent:
-            out = text[seq.sent: safe]
-            if seq.sent == 0:
-                out = out.lstrip()
-            if out:
-                seq.pieces.put(("piece", out))  # type: ignore[union-attr]
-            seq.sent = safe
+        piece = seq.reply.release(final=seq.done is not None)  # type: ignore[union-attr]
+        if piece:
+            seq.pieces.put(("piece", piece))  # type: ignore[union-attr]
 
     def _finish(self, seq: _Sequence) -> None:
         if seq.delivered:

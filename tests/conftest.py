@@ -92,3 +92,25 @@ def save_tiny_gpt2(tokenizer, out, *, context: int):
     tiny_gpt2(tokenizer, context=context).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def byte_level_tokenizer(tmp_path_factory):
+    """A GPT-2-style byte-level BPE tokenizer (as GPT-2, DialoGPT and distilgpt2 use), trained here
+    on the dialogue lines: every byte is a symbol, so a character outside the corpus is split into
+    byte pieces that only decode to it together."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [f"{speaker}: {text}" for conv in DIALOGUE for speaker, text in conv]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts * 20, trainer)
+    out = tmp_path_factory.mktemp("byte-level-tok")
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(out)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(out)

@@ -590,3 +590,22 @@ async def test_close_lets_accepted_messages_finish(gen, tiny_prompts, monkeypatc
     assert (await first).bot_turn_id and (await second).bot_turn_id
     with pytest.raises(ChatbotError, match="closed"):
         await engine.respond("cli:t", "ada", "three")
+
+
+async def test_a_seed_makes_the_conversation_reproducible_not_every_reply_alike(engine, gen, monkeypatch):
+    seen = record_prompts(gen, monkeypatch)
+    sampled = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0, "avoid_repeats": False}
+    lines = ["hi there", "what did you eat today?", "do you have any pets?", "hi there"]
+
+    async def run(conversation_id):
+        return [(await engine.respond(conversation_id, "ada", line, decoding=sampled)).text for line in lines]
+
+    first = await run("cli:a")
+    seeds = [r.settings.seed for r in seen]
+    assert len(set(seeds)) == len(lines), "every reply must sample with a seed of its own"
+    assert all(r.settings.seed is not None for r in seen)
+    await engine.reset("cli:a")
+    assert await run("cli:a") == first, "the same conversation with the same seed must replay exactly"
+    assert [r.settings.seed for r in seen[len(lines):]] == seeds
+    await run("cli:b")  # another conversation: other seeds
+    assert not set(r.settings.seed for r in seen[2 * len(lines):]) & set(seeds)

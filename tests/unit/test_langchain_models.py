@@ -277,3 +277,15 @@ def test_instances_sharing_a_generator_from_threads_stay_reproducible(gen):
     with ThreadPoolExecutor(4) as pool:
         outs = list(pool.map(lambda i: llms[i % 2].invoke(PROMPTS[2]), range(8)))
     assert outs == [alone] * 8
+
+
+def test_a_seeded_chat_model_answers_the_same_messages_alike_and_other_messages_with_other_draws(gen, monkeypatch):
+    chat = ChatGPT2(generator=gen, seed=0, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=10, safety=False)
+    seeds = []
+    real = gen.generate
+    monkeypatch.setattr(gen, "generate", lambda requests: seeds.extend(r.settings.seed for r in requests)
+                        or real(requests))
+    first = chat.invoke([HumanMessage("hey! how's it going?")]).content
+    assert chat.invoke([HumanMessage("hey! how's it going?")]).content == first
+    chat.invoke([HumanMessage("what's the best pizza topping?")])
+    assert seeds[0] == seeds[1] != seeds[2]
