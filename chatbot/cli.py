@@ -361,6 +361,12 @@ def run_chat(settings: Any, *, conversation_id: str, name: str, persona: str | N
     interactive = sys.stdin.isatty()
     engine = ChatEngine.from_settings(settings)
     loop = asyncio.new_event_loop()
+    try:
+        engine.check_author(name)
+    except ChatbotError:
+        loop.run_until_complete(engine.close())
+        loop.close()
+        raise
 
     def run(coro: Any) -> Any:
         return loop.run_until_complete(coro)

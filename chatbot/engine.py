@@ -39,7 +39,7 @@ from .generation import (
     seeded_for,
 )
 from .memory import MemoryStore, check_author_key, open_store
-from .prompting import Persona, get_persona, list_personas
+from .prompting import Persona, clean_speaker, get_persona, list_personas
 from .repetition import max_similarity
 from .scheduler import GeneratorBusy
 from .safety import (
@@ -51,6 +51,7 @@ from .safety import (
     neutralise_speaker_tags,
     output_chain,
     sanitize_input,
+    skeleton,
 )
 
 __all__ = ["ChatEngine", "Reply", "ReplyStream", "EngineBusy", "GenerationFailed", "InputRejected", "iterate_in_thread"]
@@ -249,6 +250,7 @@ class ChatEngine:
         self.input_filter = toxicity if st.abusive_input == "refuse" else None
         self._bad_persona_files: set[str] = set()
         self._persona_speakers = {p.speaker for p in self.personas().values()} | {self.default_persona.speaker}
+        self._bot_skeletons = {skeleton(s) for s in self._persona_speakers}
         tokenizer = getattr(generator, "tokenizer", None)
         self._special_tokens = tuple(getattr(tokenizer, "all_special_tokens", ())) or (
             getattr(generator.format, "eos_token", "<|endoftext|>"),)
@@ -367,7 +369,7 @@ class ChatEngine:
         if role not in ("user", "bot"):
             raise ChatbotError(f"`role` must be user or bot, got {role!r}")
         text = text[: self.settings.max_input_chars] if isinstance(text, str) else text
-        text = self._check_message(conversation_id, author, text, author_key)
+        text = self._check_message(conversation_id, author, text, author_key, role=role)
         async with self._locks.hold(conversation_id):
             options = await self.store.get_options(conversation_id)
             chosen, _ = self._resolve(options)
@@ -639,12 +641,26 @@ class ChatEngine:
         return GenerationFailed(f"the model failed to reply ({type(err).__name__}: {err}); "
                                 "the message was kept, try again")
 
-    def _check_message(self, conversation_id: str, author: str, text: str, author_key: str | None = None) -> str:
+    def check_author(self, author: str) -> str:
+        """``author`` if a person may speak under that name here; `InputRejected` when it is one of
+        the bot's own speaker names ("Sam", "sam:", "S.a.m"), whose lines would read as the bot's turns."""
+        check_author(author)
+        if skeleton(clean_speaker(author)) in self._bot_skeletons:
+            taken = ", ".join(sorted(self._persona_speakers))
+            raise InputRejected(f"the name {author!r} is taken by the bot ({taken}): a person's lines under it "
+                                "would read as the bot's own; use another name")
+        return author
+
+    def _check_message(self, conversation_id: str, author: str, text: str, author_key: str | None = None, *,
+                       role: str = "user") -> str:
         """The user's text cleaned (`safety.sanitize_input`), literal special tokens made plain, length-checked."""
         if self._closed:
             raise ChatbotError("the engine is closed")
         check_conversation_id(conversation_id)
-        check_author(author)
+        if role == "user":
+            self.check_author(author)
+        else:
+            check_author(author)
         if author_key is not None:
             check_author_key(author_key)  # here, so a bad key fails before the conversation is queued
         text = break_special_tokens(sanitize_input(text, max_chars=self.settings.max_input_chars),

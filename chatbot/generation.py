@@ -8,6 +8,7 @@ stays cheap (`python bot.py --help` does not load torch).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -288,6 +289,25 @@ def prompt_budget(context_size: int, settings: DecodingSettings) -> int:
     return budget
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
+"""A model directory holds at least one of these (fast tokenizer, GPT-2 BPE, sentencepiece, WordPiece)."""
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' "Loading weights" bars off while a model loads: they are noise on a terminal
+    chat, in a LangChain program or a Discord bot's log. Put back as they were afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def _not_found(name: str, why: str, option: str = "--model") -> ModelNotFoundError:
     return ModelNotFoundError(
         f"cannot load model {name!r} ({why}); point {option} at a local directory that holds a "
@@ -323,6 +343,9 @@ def load_model(
             raise _not_found(name, "no such directory", option)
         if not (path / "config.json").is_file():
             raise _not_found(name, "the directory has no config.json", option)
+        if not any((path / file).is_file() for file in TOKENIZER_FILES):
+            # transformers would load a tokenizer of one token from such a directory, and fail at the first message.
+            raise _not_found(name, f"the directory has no tokenizer: none of {', '.join(TOKENIZER_FILES)}", option)
         source = str(path)
     elif re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", name):
         source = name
@@ -330,10 +353,16 @@ def load_model(
         raise _not_found(name, "neither a directory nor a hub model name like 'org/model'", option)
     dev = pick_device(device)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not allow_download)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, local_files_only=not allow_download, dtype=_dtype_for(dev)
-        )
+        with _no_progress_bars():
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not allow_download)
+            if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+                raise _not_found(name, "its tokenizer has no ordinary tokens; the tokenizer files are missing "
+                                       "or empty", option)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, local_files_only=not allow_download, dtype=_dtype_for(dev)
+            )
+    except ModelNotFoundError:
+        raise
     except Exception as err:  # a bad model's files fail in many types (OSError, ValueError, safetensors' own)
         fetch = "--allow-download" if option.startswith("--") else "`allow_download=True`"
         if looks_like_path or allow_download:

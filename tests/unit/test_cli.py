@@ -45,6 +45,29 @@ def test_a_damaged_model_directory_is_one_line_saying_what_failed(capsys, tmp_pa
     assert err.startswith(f"error: cannot load model '{broken}' (") and "offline" not in err
 
 
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("damage", ["no tokenizer files", "an empty vocabulary"])
+def test_a_model_without_its_tokenizer_fails_at_load_in_one_line(capsys, monkeypatch, tmp_path, tiny_dir, command,
+                                                                 damage):
+    import io
+    import shutil
+
+    broken = shutil.copytree(tiny_dir, tmp_path / "broken")
+    for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
+        (broken / file).unlink(missing_ok=True)
+    if damage == "an empty vocabulary":
+        (broken / "vocab.json").write_text('{"<|endoftext|>": 0}')
+        (broken / "merges.txt").write_text("#version: 0.2\n")
+    memory = tmp_path / "memory.sqlite3"
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    argv = ["generate", "--model", str(broken), "hi"] if command == "generate" else \
+        ["chat", "--model", str(broken), "--memory", str(memory)]
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: cannot load model '{broken}' (") and "tokenizer" in err
+    assert not memory.exists(), "nothing is stored for a model that cannot answer"
+
+
 def test_missing_training_data(capsys, tmp_path):
     code, _, err = run(capsys, "train", "--data", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "m"))
     assert code == 2 and err.strip() == f"error: {tmp_path / 'none.jsonl'}: no such file"
@@ -270,3 +293,17 @@ def test_a_broken_pipe_that_is_not_stdout_is_not_hidden(monkeypatch):
     monkeypatch.setitem(cli.COMMANDS, "chat", fails)
     with pytest.raises(BrokenPipeError, match="a worker's pipe"):
         main(["chat"])
+
+
+@pytest.mark.parametrize("name", ["Bot", "Pip:", "b.o.t"])
+def test_chat_refuses_a_user_name_that_is_the_bots_at_start(capsys, monkeypatch, tiny_dir, chat_env, name):
+    from chatbot.memory import SQLiteMemoryStore
+
+    code, out, err = chat(capsys, monkeypatch, tiny_dir, ["hi", "hello"], "--name", name)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: the name {name!r} is taken by the bot")
+    if (chat_env / "chatbot.sqlite3").exists():
+        import asyncio
+
+        store = SQLiteMemoryStore(chat_env / "chatbot.sqlite3")
+        assert asyncio.run(store.count("cli:local")) == 0

@@ -380,3 +380,14 @@ def test_the_cpu_gets_bfloat16_only_where_it_multiplies_it_natively(monkeypatch,
     assert gen.model.dtype == expected
     reply = gen.generate([GenerationRequest("ada: hi\nBot:", DecodingSettings(temperature=0, max_new_tokens=4))])[0]
     assert reply.completion_tokens > 0
+
+
+def test_loading_a_model_prints_no_progress_bars_and_leaves_the_setting_as_it_was(tiny_dir, capfd):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    capfd.readouterr()
+    LocalGenerator.from_pretrained(tiny_dir, device="cpu")
+    out, err = capfd.readouterr()
+    assert "Loading weights" not in err + out and "%|" not in err
+    assert hf_logging.is_progress_bar_enabled()
