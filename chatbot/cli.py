@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .errors import ChatbotError
@@ -403,8 +404,12 @@ def run_chat(settings: Any, *, conversation_id: str, name: str, persona: str | N
             try:
                 if interactive:
                     _stream_reply(loop, engine, conversation_id, name, text)
-                else:
-                    print(run(engine.respond(conversation_id, name, text)).text, flush=True)
+                    continue
+                answered = _until_interrupted(loop, engine.respond(conversation_id, name, text))
+                if answered.result is not None:  # stored, so shown, even when Ctrl-C came meanwhile
+                    print(answered.result.text, flush=True)
+                if answered.interrupted:
+                    raise KeyboardInterrupt
             except ChatbotError as err:
                 # A refused message, a busy conversation or a failed reply: say so and go on.
                 print(f"({err})", flush=True)
@@ -427,8 +432,6 @@ def _greet(run: Any, engine: Any, settings: Any, conversation_id: str, name: str
 
 
 def _stream_reply(loop: Any, engine: Any, conversation_id: str, name: str, text: str) -> None:
-    import asyncio
-
     async def show() -> None:
         started = False
         async with engine.stream(conversation_id, name, text) as stream:
@@ -440,18 +443,55 @@ def _stream_reply(loop: Any, engine: Any, conversation_id: str, name: str, text:
                 print(piece, end="", flush=True)
         print()
 
-    task = loop.create_task(show())
+    # Ctrl-C stops this reply, not the chat: closing the stream stops the model at its next
+    # token, and no bot turn is stored (the user's stays).
+    if _until_interrupted(loop, show()).cancelled:
+        print(" (stopped)")
+
+
+@dataclass
+class _Run:
+    result: Any = None
+    cancelled: bool = False
+    """Ctrl-C stopped the work before its end."""
+    interrupted: bool = False
+    """Ctrl-C came while it ran (it may have finished all the same)."""
+
+
+def _until_interrupted(loop: Any, coro: Any) -> _Run:
+    """Run ``coro`` on ``loop``; Ctrl-C (SIGINT) cancels it at its next await instead of raising
+    wherever Python happens to be. The engine stores a bot turn only in a reply that is then
+    returned, so a reply the user was not shown is never left stored."""
+    import asyncio
+    import signal
+
+    task = loop.create_task(coro)
+    run = _Run()
+
+    def on_sigint() -> None:
+        run.interrupted = True
+        task.cancel()
+
     try:
-        loop.run_until_complete(task)
-    except KeyboardInterrupt:
-        # Stop this reply, not the chat: cancelling the task closes the stream, which
-        # stops the model at its next token (the user's turn stays stored).
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        handled = True
+    except (NotImplementedError, RuntimeError, ValueError):  # Windows, or not the main thread
+        handled = False
+    try:
+        run.result = loop.run_until_complete(task)
+    except asyncio.CancelledError:
+        run.cancelled = True
+    except KeyboardInterrupt:  # where no handler could be installed
+        run.interrupted = True
         task.cancel()
         try:
-            loop.run_until_complete(task)
+            run.result = loop.run_until_complete(task)
         except asyncio.CancelledError:
-            pass
-        print(" (stopped)")
+            run.cancelled = True
+    finally:
+        if handled:
+            loop.remove_signal_handler(signal.SIGINT)
+    return run
 
 
 def _chat_command(run: Any, engine: Any, conversation_id: str, text: str, *, interactive: bool = True) -> str | None:

@@ -624,7 +624,10 @@ class ChatEngine:
             await self.store.reset(conversation_id)
             bot_turn_id = None
         else:
-            bot_turn_id = (await self.store.append(conversation_id, plan.persona.speaker, "bot", text)).id
+            # Once stored, the reply is returned even to a caller cancelled meanwhile: a stored reply
+            # nobody was given would read, next time, as something the user was told.
+            stored = await _finish_despite_cancel(self.store.append(conversation_id, plan.persona.speaker, "bot", text))
+            bot_turn_id = stored.id
         clock.timings["total"] = clock.elapsed()
         return Reply(
             text=text, conversation_id=conversation_id, persona=plan.persona.name, speaker=plan.persona.speaker,
@@ -742,6 +745,21 @@ async def _finish_before_cancel(coro: Awaitable[T]) -> T:
     if cancelled is not None:
         raise cancelled
     return result
+
+
+async def _finish_despite_cancel(coro: Awaitable[T]) -> T:
+    """Await ``coro`` to its end and return its result, dropping a cancellation of the caller that
+    came meanwhile: the work it would have stopped is done, and its result must reach the caller."""
+    task = asyncio.ensure_future(coro)
+    while True:
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
 
 
 async def iterate_in_thread(make: Callable[[], Iterator[T]], executor: Executor | None = None, *,

@@ -307,3 +307,45 @@ def test_chat_refuses_a_user_name_that_is_the_bots_at_start(capsys, monkeypatch,
 
         store = SQLiteMemoryStore(chat_env / "chatbot.sqlite3")
         assert asyncio.run(store.count("cli:local")) == 0
+
+
+@pytest.mark.parametrize("when", ["generating", "storing"])
+def test_ctrl_c_on_a_piped_chat_never_leaves_a_stored_reply_unprinted(capsys, monkeypatch, tiny_dir, chat_env, when):
+    """SIGINT arrives during the third reply: while the model runs (no bot turn may be stored)
+    or while the bot turn is being written (it must then be printed)."""
+    import asyncio
+    import os
+    import signal
+    import time
+
+    from chatbot.generation import LocalGenerator
+    from chatbot.memory import SQLiteMemoryStore
+
+    calls = []
+
+    def interrupt_the_third():
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.3)  # still at work when the signal is handled
+
+    if when == "generating":
+        real_generate = LocalGenerator.generate
+        monkeypatch.setattr(LocalGenerator, "generate",
+                            lambda self, requests: interrupt_the_third() or real_generate(self, requests))
+    else:
+        real_append = SQLiteMemoryStore._append
+
+        def append(self, conversation_id, author, role, text, author_key):
+            turn = real_append(self, conversation_id, author, role, text, author_key)
+            if role == "bot":
+                interrupt_the_third()
+            return turn
+
+        monkeypatch.setattr(SQLiteMemoryStore, "_append", append)
+    code, out, err = chat(capsys, monkeypatch, tiny_dir, [f"line number {i}" for i in range(10)])
+    assert code == 130 and err.strip() == "interrupted"
+    store = SQLiteMemoryStore(chat_env / "chatbot.sqlite3")
+    bot = [t.text for t in asyncio.run(store.newest("cli:local", 50)) if t.role == "bot"]
+    assert out.splitlines() == bot
+    assert len(bot) == (2 if when == "generating" else 3)
