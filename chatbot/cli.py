@@ -45,13 +45,27 @@ def _add_decoding_options(p: argparse.ArgumentParser, *, preset_help: str) -> No
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The decoding options given on the command line (the others stay as the preset has them)."""
-    return {name: getattr(args, name) for name in DECODING_OPTIONS if getattr(args, name) is not None}
+    return {name: getattr(args, name) for name in DECODING_OPTIONS if getattr(args, name, None) is not None}
 
 
-def _decoding(args: argparse.Namespace, default_preset: str = "balanced") -> Any:
-    from .generation import apply_overrides, get_preset, make_overrides
+def _settings(args: argparse.Namespace, **extra: Any) -> Any:
+    """The settings file (``--config``, else ``chatbot.toml`` here), the environment, then the
+    command line's options on top: every command that runs a model reads them the same way."""
+    from .config import Settings
+    from .generation import make_overrides
 
-    return apply_overrides(get_preset(args.preset or default_preset), make_overrides(_overrides(args)))
+    make_overrides(_overrides(args))  # a bad option is named as the option says it (`top_p`), not as a file key
+    values = dict(model=args.model, device=args.device, allow_download=args.allow_download or None,
+                  memory_path=getattr(args, "memory", None), decoding=_overrides(args) or None)
+    return Settings.load(args.config, **{**values, **extra})
+
+
+def _decoding(args: argparse.Namespace, settings: Any, default_preset: str = "balanced") -> Any:
+    """``--preset`` (else the settings' preset, else ``default_preset``) with the settings' decoding
+    table, which holds the command line's decoding options too, on top."""
+    from .generation import apply_overrides, get_preset
+
+    return apply_overrides(get_preset(args.preset or settings.preset or default_preset), settings.decoding)
 
 
 def _config_option(p: argparse.ArgumentParser, what: str = "settings file (TOML)") -> None:
@@ -112,17 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", parents=[common], help="validation perplexity and sample replies",
                        description="Score a model on the validation split it was trained with (rebuilt from its "
                                    "training_info.json) and print replies to a few fixed prompts.")
+    _config_option(e, "settings file (TOML) for the model, device and decoding")
     _model_option(e)
     e.add_argument("--data", default=None, help="score on this corpus instead of the one recorded in the model")
     e.add_argument("--samples", type=int, default=5, help="how many fixed prompts to answer (default %(default)s)")
     _add_decoding_options(e, preset_help="decoding preset (default balanced, with seed 0)")
 
-    g = sub.add_parser("generate", parents=[common], help="continue a prompt", description="Print the model's continuation of PROMPT.")
+    g = sub.add_parser("generate", parents=[common], help="answer one message, or continue a text",
+                       description="Print the bot's reply to PROMPT, a one-off message through the same engine as "
+                                   "the chat (persona, repetition controls, safety filters; nothing is stored), or "
+                                   "with --raw the model's plain continuation of PROMPT.")
+    _config_option(g, "settings file (TOML) for the model, persona, decoding and safety")
     _model_option(g)
-    g.add_argument("prompt", help="text to continue")
+    g.add_argument("prompt", help="the message to answer (or, with --raw, the text to continue)")
     g.add_argument("--raw", action="store_true",
                    help="continue the text as it is; by default PROMPT is a chat message and the reply is printed")
-    _add_decoding_options(g, preset_help="decoding preset (default balanced)")
+    g.add_argument("--persona", default=None, help="persona that answers (default: the settings'); not with --raw")
+    _add_decoding_options(g, preset_help="decoding preset (default: the persona's; balanced with --raw)")
 
     c = sub.add_parser("chat", parents=[common], help="talk to the bot in the terminal; it remembers across runs",
                        description="A conversation with the engine: what is said is stored (SQLite, see --memory) and "
@@ -247,12 +267,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .training import evaluate
 
-    settings = _decoding(args)
+    config = _settings(args)
+    settings = _decoding(args, config)
     if settings.seed is None:
         # Fixed prompts with a fixed seed, so two models (or two runs) compare like for like.
         settings = settings.model_copy(update={"seed": 0})
-    report = evaluate(args.model, data=args.data, samples=args.samples, settings=settings, device=args.device or "auto",
-                      allow_download=args.allow_download)
+    report = evaluate(config.model, data=args.data, samples=args.samples, settings=settings, device=config.device,
+                      allow_download=config.allow_download)
     print(f"model: {report.model}")
     print(f"validation perplexity {report.val_perplexity:.2f} on {report.tokens:,} tokens "
           f"(unigram {report.unigram_perplexity:.2f}; unigram/model {report.unigram_perplexity / report.val_perplexity:.1f}x)")
@@ -262,30 +283,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generation import GenerationRequest, LocalGenerator
-    from .prompting import Utterance
+    import asyncio
 
-    settings = _decoding(args)
+    from .generation import GenerationRequest, LocalGenerator
+
     if not args.prompt.strip():
         raise ChatbotError("the prompt is empty; give some text to " + ("continue" if args.raw else "answer"))
-    gen = LocalGenerator.from_pretrained(args.model, device=args.device or "auto", allow_download=args.allow_download)
     if args.raw:
-        request = GenerationRequest(args.prompt, settings)
-    else:
-        fmt = gen.format
-        prompt = fmt.build_prompt([Utterance("User", args.prompt)], "Bot")
-        request = GenerationRequest(prompt, settings, tuple(fmt.stop_strings(["User", "Bot"])))
-    print(gen.generate([request])[0].text)
+        if args.persona is not None:
+            raise ChatbotError("--persona answers a message; --raw continues a text without one")
+        config = _settings(args)
+        gen = LocalGenerator.from_pretrained(config.model, device=config.device, allow_download=config.allow_download)
+        request = GenerationRequest(args.prompt, _decoding(args, config))
+        print(gen.generate([request])[0].text)
+        return 0
+    from .engine import ChatEngine
+
+    # One message to the engine, on a memory of its own that ends with this command.
+    config = _settings(args, memory_path=":memory:", persona=args.persona, preset=args.preset)
+
+    async def answer() -> str:
+        engine = ChatEngine.from_settings(config)
+        try:
+            return (await engine.respond("cli:generate", "User", args.prompt)).text
+        finally:
+            await engine.close()
+
+    print(asyncio.run(answer()))
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .config import Settings
-
-    settings = Settings.load(
-        args.config, model=args.model, device=args.device, allow_download=args.allow_download or None,
-        memory_path=args.memory, decoding=_overrides(args) or None,
-    )
+    settings = _settings(args)
     return run_chat(settings, conversation_id=args.conversation, name=args.name, persona=args.persona,
                     preset=args.preset, reset=args.reset)
 
@@ -297,11 +326,8 @@ DISCORD_MAX_BATCH = 8
 def cmd_discord(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .config import Settings
-
-    settings = Settings.load(
-        args.config, model=args.model, device=args.device, allow_download=args.allow_download or None,
-        memory_path=args.memory, persona=args.persona, discord_channels=tuple(args.channel) if args.channel else None,
+    settings = _settings(
+        args, persona=args.persona, discord_channels=tuple(args.channel) if args.channel else None,
         discord_sharded=True if args.sharded else None, discord_sync_commands=False if args.no_sync else None,
     )
     if settings.discord_token is None:

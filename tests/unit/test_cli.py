@@ -91,9 +91,9 @@ def test_bad_training_option(capsys, tmp_path):
     assert code == 2 and "`n_embd` (30) must be divisible by `n_head` (4)" in err
 
 
-def test_generate_prints_a_reply(capsys, tiny_dir):
+def test_generate_prints_a_reply(capsys, tiny_dir, chat_env):
     code, out, err = run(capsys, "generate", "--model", str(tiny_dir), "--seed", "1", "--max-new-tokens", "8", "hi")
-    assert code == 0 and len(out.splitlines()) == 1
+    assert code == 0 and len(out.splitlines()) == 1, err
 
 
 @pytest.fixture()
@@ -162,7 +162,7 @@ def test_generate_refuses_an_empty_prompt(capsys, tiny_dir, argv):
     [
         (["--conversation", "my chat"], "error: conversation id must look like 'scope:key'"),
         (["--persona", "nobody"], "error: unknown persona 'nobody'; available: other, tester"),
-        (["--top-p", "2"], "error: `decoding.top_p` must be less than or equal to 1, got 2.0"),
+        (["--top-p", "2"], "error: `top_p` must be less than or equal to 1, got 2.0"),
         (["--memory", "/proc/no/such.sqlite3"], "error: cannot open the memory database"),
     ],
 )
@@ -349,3 +349,23 @@ def test_ctrl_c_on_a_piped_chat_never_leaves_a_stored_reply_unprinted(capsys, mo
     bot = [t.text for t in asyncio.run(store.newest("cli:local", 50)) if t.role == "bot"]
     assert out.splitlines() == bot
     assert len(bot) == (2 if when == "generating" else 3)
+
+
+@pytest.mark.parametrize("how", ["chatbot.toml", "--config"])
+def test_generate_reads_the_settings_file_like_every_command(capsys, monkeypatch, tmp_path, tiny_dir, tiny_prompts,
+                                                             how):
+    monkeypatch.chdir(tmp_path)
+    settings = (f'model = "{tiny_dir}"\nprompts_dir = "{tiny_prompts}"\npersona = "tester"\n'
+                '[decoding]\nmax_new_tokens = 4\n')
+    path = tmp_path / ("chatbot.toml" if how == "chatbot.toml" else "mine.toml")
+    path.write_text(settings)
+    config = ["--config", str(path)] if how == "--config" else []
+    for argv in (["generate", *config, "hi"], ["generate", *config, "--raw", "ada: hi"]):
+        code, out, err = run(capsys, *argv)  # no --model: the file's model is used
+        assert code == 0 and len(out.splitlines()) == 1, err
+    assert not (tmp_path / "chatbot.sqlite3").exists(), "a one-off message is not stored"
+    path.write_text(settings.replace("max_new_tokens = 4", "max_new_tokens = 0"))
+    code, out, err = run(capsys, "generate", *config, "hi")
+    assert code == 2 and err.startswith(f"error: {path.name if how == 'chatbot.toml' else path}: `decoding.max_new_tokens`")
+    code, out, err = run(capsys, "generate", *config, "--raw", "--persona", "tester", "hi")
+    assert code == 2 and "--raw" in err
