@@ -166,8 +166,11 @@ class SQLiteMemoryStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser()
+        if not self.path.parent.is_dir():
+            # Not created: a mistyped folder would otherwise quietly become a second, empty memory.
+            raise ChatbotError(f"cannot open the memory database {self.path}: the folder {self.path.parent} "
+                               "does not exist; create it first, or fix the path")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             # One connection used from worker threads; the lock serialises it (sqlite3
             # connections are not safe for concurrent use).
             self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)

@@ -369,3 +369,10 @@ def test_generate_reads_the_settings_file_like_every_command(capsys, monkeypatch
     assert code == 2 and err.startswith(f"error: {path.name if how == 'chatbot.toml' else path}: `decoding.max_new_tokens`")
     code, out, err = run(capsys, "generate", *config, "--raw", "--persona", "tester", "hi")
     assert code == 2 and "--raw" in err
+
+
+def test_chat_with_a_mistyped_memory_folder_creates_nothing(capsys, monkeypatch, tiny_dir, chat_env):
+    code, out, err = chat(capsys, monkeypatch, tiny_dir, ["hi"], "--memory", "nonexistent/dir/x.sqlite3")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "nonexistent/dir does not exist" in err
+    assert not (chat_env / "nonexistent").exists()

@@ -170,6 +170,8 @@ async def test_messages_not_for_the_bot_are_left_alone(world):
 
 async def test_two_bots_never_answer_each_other(roomy_gen, tiny_prompts, tmp_path, monkeypatch):
     """Two of our bots in one channel, each seeing the other's messages as mentions: one human message, one reply."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
     a, fake_a, _ = await start(roomy_gen, settings_for(tiny_prompts, tmp_path / "a",
                                                        discord_channels=(CHANNEL_ID,)), monkeypatch)
     b, fake_b, _ = await start(roomy_gen, settings_for(tiny_prompts, tmp_path / "b",

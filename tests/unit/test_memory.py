@@ -277,6 +277,13 @@ def test_not_a_database_is_a_clear_error(tmp_path):
         SQLiteMemoryStore(bad)
 
 
+def test_a_mistyped_folder_is_an_error_and_is_not_created(tmp_path):
+    path = tmp_path / "nonexistent" / "dir" / "x.sqlite3"
+    with pytest.raises(ChatbotError, match="the folder .*nonexistent/dir does not exist"):
+        SQLiteMemoryStore(path)
+    assert not (tmp_path / "nonexistent").exists()
+
+
 WRITER = """
 import asyncio, sys
 from chatbot.memory import SQLiteMemoryStore
