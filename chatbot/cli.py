@@ -80,11 +80,26 @@ def _model_option(p: argparse.ArgumentParser) -> None:
                    help="fetch a hub model that is not in the local cache (needs network; off by default)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports an unknown option with the usage of the command it was given to (``chat --presset``
+    shows chat's usage), where argparse would show the top-level one."""
+
+    commands: dict[str, argparse.ArgumentParser] = {}
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            parser = self.commands.get(getattr(parsed, "command", None) or "", self)
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bot.py", description="GPT-2 chatbot: chat in the terminal, train and evaluate models, measure repetition and safety.")
+    parser = _Parser(prog="bot.py", description="GPT-2 chatbot: chat in the terminal, train and evaluate models, measure repetition and safety.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="log what happens (to stderr)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = sub.choices
 
     t = sub.add_parser("train", parents=[common], help="train a GPT-2 from scratch or fine-tune one on dialogue data",
                        description="Read dialogue data, clean it, hold out a validation split, train a tokenizer "
@@ -412,6 +427,8 @@ def run_chat(settings: Any, *, conversation_id: str, name: str, persona: str | N
             try:
                 line = input(f"{name}> " if interactive else "")
             except EOFError:
+                if interactive:
+                    print()  # Ctrl-D: the shell's prompt starts on a line of its own
                 break
             except KeyboardInterrupt:
                 print()
@@ -424,6 +441,8 @@ def run_chat(settings: Any, *, conversation_id: str, name: str, persona: str | N
             if text.startswith("/"):
                 out = _chat_command(run, engine, conversation_id, text, interactive=interactive)
                 if out is None:
+                    if not interactive:
+                        print("(bye)", flush=True)  # one line out per line in, /quit too
                     break
                 print(out, flush=True)
                 continue

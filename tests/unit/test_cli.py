@@ -1,8 +1,12 @@
 """The command line as a user meets it: exit status 2 and one line on stderr for mistakes."""
 
+from pathlib import Path
+
 import pytest
 
 from chatbot.cli import build_parser, main
+
+BOT = Path(__file__).resolve().parents[2] / "bot.py"
 
 
 def run(capsys, *argv):
@@ -376,3 +380,64 @@ def test_chat_with_a_mistyped_memory_folder_creates_nothing(capsys, monkeypatch,
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
     assert "nonexistent/dir does not exist" in err
     assert not (chat_env / "nonexistent").exists()
+
+
+def _read_until(fd, marker, seen, timeout=60.0):
+    """Read the terminal into ``seen`` until ``marker`` has appeared (again) or the program ended."""
+    import os
+    import select
+    import time
+
+    start, count = time.monotonic(), seen[0].count(marker)
+    while seen[0].count(marker) <= count and time.monotonic() - start < timeout:
+        if select.select([fd], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the program ended and closed the terminal
+                return False
+            if not chunk:
+                return False
+            seen[0] += chunk.decode("utf-8", "replace")
+    return seen[0].count(marker) > count
+
+
+def test_interactive_chat_in_a_real_terminal_ends_cleanly_on_ctrl_d(tiny_dir, tiny_prompts, tmp_path):
+    """A pseudo-terminal, as a person has: the reply streams after a prompt, and Ctrl-D leaves
+    the shell's next prompt on a line of its own."""
+    import os
+    import pty
+    import sys
+
+    env = {**os.environ, "CHATBOT_PROMPTS_DIR": str(tiny_prompts), "CHATBOT_PERSONA": "tester"}
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the chat, on the terminal
+        os.chdir(tmp_path)
+        os.execve(sys.executable, [sys.executable, str(BOT), "chat", "--model", str(tiny_dir), "--name", "ada",
+                                   "--max-new-tokens", "4"], env)
+    seen = [""]
+    try:
+        assert _read_until(fd, "ada> ", seen), seen[0]
+        os.write(fd, b"hi\r")
+        assert _read_until(fd, "ada> ", seen), seen[0]
+        assert "Bot> " in seen[0]
+        os.write(fd, b"\x04")  # Ctrl-D on an empty line
+        _read_until(fd, "never printed", seen, timeout=30)
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, seen[0]
+    assert seen[0].endswith("ada> \r\n"), repr(seen[0][-40:])
+
+
+def test_a_piped_quit_prints_its_line(capsys, monkeypatch, tiny_dir, chat_env):
+    code, out, err = chat(capsys, monkeypatch, tiny_dir, ["hi", "/quit", "never read"])
+    assert code == 0 and len(out.splitlines()) == 2 and out.splitlines()[1] == "(bye)"
+
+
+@pytest.mark.parametrize("argv", [["chat", "--presset", "x"], ["generate", "--presset", "x", "hi"]])
+def test_an_unknown_option_shows_the_commands_own_usage(capsys, argv):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.startswith(f"usage: bot.py {argv[0]} ") and f"bot.py {argv[0]}: error: unrecognized arguments: --presset" in err
