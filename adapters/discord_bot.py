@@ -44,7 +44,7 @@ from discord.ext import commands
 from chatbot.config import Settings
 from chatbot.engine import ChatEngine, EngineBusy, GenerationFailed
 from chatbot.errors import ChatbotError
-from chatbot.generation import PRESETS
+from chatbot.decoding import PRESETS
 from chatbot.memory import export_json
 from chatbot.safety import InputRejected, skeleton
 

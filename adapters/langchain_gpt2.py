@@ -27,17 +27,8 @@ from chatbot.config import Settings
 from chatbot.conversation import Turn, plan_prompt
 from chatbot.engine import iterate_in_thread
 from chatbot.errors import ChatbotError
-from chatbot.generation import (
-    DecodingSettings,
-    GenerationRequest,
-    GenerationResult,
-    apply_overrides,
-    get_preset,
-    make_overrides,
-    prompt_budget,
-    resolve_model,
-    seeded_for,
-)
+from chatbot.decoding import ENGINE_ONLY, GENERATION_FIELDS, DecodingSettings, compose, seeded_for
+from chatbot.generation import GenerationRequest, GenerationResult, prompt_budget, resolve_model
 from chatbot.memory import MAX_TURN_CHARS
 from chatbot.prompting import clean_speaker, get_persona
 from chatbot.safety import (
@@ -51,13 +42,8 @@ from chatbot.safety import (
 
 __all__ = ["GPT2LLM", "ChatGPT2", "ChatbotMessageHistory"]
 
-_DECODING_FIELDS = ("temperature", "top_k", "top_p", "max_new_tokens", "repetition_penalty", "bot_repetition_penalty",
-                    "no_repeat_ngram_size", "bot_no_repeat_ngram_size", "max_time", "seed")
 _ALIASES = {"max_tokens": "max_new_tokens", "timeout": "max_time"}
 """LangChain's standard names for two decoding settings, as fields and per call."""
-_ENGINE_ONLY = ("avoid_repeats", "repeat_threshold", "repeat_lookback", "repeat_retries")
-"""Decoding settings the engine applies by comparing a reply with the conversation's earlier
-ones; a LangChain call has no such conversation, so they are refused rather than ignored."""
 
 
 @lru_cache(maxsize=8)
@@ -126,7 +112,7 @@ class _GPT2Mixin(BaseModel):
 
     def decoding(self, **overrides: Any) -> DecodingSettings:
         """The preset with this instance's fields, then the call's ``overrides``, on top."""
-        given = {name: getattr(self, name) for name in _DECODING_FIELDS if getattr(self, name) is not None}
+        given = {name: getattr(self, name) for name in GENERATION_FIELDS if getattr(self, name) is not None}
         if self.max_tokens is not None:
             given.setdefault("max_new_tokens", self.max_tokens)
         if self.timeout is not None:
@@ -136,18 +122,17 @@ class _GPT2Mixin(BaseModel):
             if alias in overrides:
                 value = overrides.pop(alias)
                 overrides.setdefault(name, value)
-        engine_only = sorted(set(overrides) & set(_ENGINE_ONLY))
+        engine_only = sorted(set(overrides) & set(ENGINE_ONLY))
         if engine_only:
             raise ValueError(f"{', '.join(engine_only)}: the engine applies these to a conversation's earlier "
                              "replies; a LangChain model call has none, so they cannot be set here")
-        known = [name for name in DecodingSettings.model_fields if name not in _ENGINE_ONLY] + list(_ALIASES)
+        known = [*GENERATION_FIELDS, *_ALIASES]
         unknown = sorted(set(overrides) - set(known))
         if unknown:
             raise ValueError(f"unknown keyword argument(s) {', '.join(unknown)}; decoding settings are "
                              f"{', '.join(known)}")
         try:
-            base = apply_overrides(get_preset(self.preset), make_overrides(given))
-            return apply_overrides(base, make_overrides(overrides))
+            return compose(self.preset, given, overrides)
         except ChatbotError as err:
             raise ValueError(str(err)) from None
 

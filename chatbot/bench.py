@@ -248,7 +248,8 @@ def _naive_arm(options: BenchOptions, workload: Workload) -> dict[str, Any]:
 
 def _batched_arm(options: BenchOptions, workload: Workload) -> dict[str, Any]:
     """The engine's generator: requests from all conversations batched, prefixes reused."""
-    from .generation import DecodingSettings, GenerationRequest
+    from .decoding import DecodingSettings
+    from .generation import GenerationRequest
     from .scheduler import BatchingGenerator
 
     gen = _load(options)

@@ -19,12 +19,11 @@ from .errors import ChatbotError
 log = logging.getLogger(__name__)
 
 
-DECODING_OPTIONS = ("temperature", "top_k", "top_p", "max_new_tokens", "repetition_penalty", "bot_repetition_penalty",
-                    "no_repeat_ngram_size", "bot_no_repeat_ngram_size", "max_time", "seed")
+
 
 
 def _add_decoding_options(p: argparse.ArgumentParser, *, preset_help: str) -> None:
-    from .generation import PRESETS
+    from .decoding import PRESETS
 
     g = p.add_argument_group("decoding", "Each option overrides the one in the preset; unset ones come from it.")
     g.add_argument("--preset", default=None, choices=list(PRESETS), help=preset_help)
@@ -45,14 +44,16 @@ def _add_decoding_options(p: argparse.ArgumentParser, *, preset_help: str) -> No
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The decoding options given on the command line (the others stay as the preset has them)."""
-    return {name: getattr(args, name) for name in DECODING_OPTIONS if getattr(args, name, None) is not None}
+    from .decoding import GENERATION_FIELDS
+
+    return {name: getattr(args, name) for name in GENERATION_FIELDS if getattr(args, name, None) is not None}
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Any:
     """The settings file (``--config``, else ``chatbot.toml`` here), the environment, then the
     command line's options on top: every command that runs a model reads them the same way."""
     from .config import Settings
-    from .generation import make_overrides
+    from .decoding import make_overrides
 
     make_overrides(_overrides(args))  # a bad option is named as the option says it (`top_p`), not as a file key
     values = dict(model=args.model, device=args.device, allow_download=args.allow_download or None,
@@ -63,9 +64,9 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Any:
 def _decoding(args: argparse.Namespace, settings: Any, default_preset: str = "balanced") -> Any:
     """``--preset`` (else the settings' preset, else ``default_preset``) with the settings' decoding
     table, which holds the command line's decoding options too, on top."""
-    from .generation import apply_overrides, get_preset
+    from .decoding import compose
 
-    return apply_overrides(get_preset(args.preset or settings.preset or default_preset), settings.decoding)
+    return compose(args.preset or settings.preset or default_preset, settings.decoding)
 
 
 def _config_option(p: argparse.ArgumentParser, what: str = "settings file (TOML)") -> None:
@@ -541,7 +542,7 @@ def _until_interrupted(loop: Any, coro: Any) -> _Run:
 
 def _chat_command(run: Any, engine: Any, conversation_id: str, text: str, *, interactive: bool = True) -> str | None:
     """Run one /command; returns what to print (one line when piped), or None to leave."""
-    from .generation import PRESETS
+    from .decoding import PRESETS
 
     command, _, arg = text.partition(" ")
     arg = arg.strip()

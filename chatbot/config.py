@@ -15,7 +15,7 @@ from typing import Any, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from .errors import ChatbotError, read_toml, settings_error_message
-from .generation import PRESETS, DecodingOverrides, DecodingSettings, apply_overrides
+from .decoding import PRESETS, DecodingOverrides, DecodingSettings, compose
 from .memory import MAX_TURN_CHARS
 from .prompting import PROMPTS_DIR
 
@@ -191,7 +191,7 @@ class Settings(BaseModel):
 
     def decoding_settings(self, preset: str) -> DecodingSettings:
         """The named preset with this configuration's ``decoding`` overrides on top."""
-        return apply_overrides(PRESETS[preset], self.decoding)
+        return compose(preset, self.decoding)
 
 
 def _merge(into: dict[str, Any], new: Mapping[str, Any]) -> None:

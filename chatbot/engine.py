@@ -28,16 +28,8 @@ from typing import Any, TypeVar
 from .config import Settings
 from .conversation import Turn, Window, check_author, check_conversation_id, plan_prompt
 from .errors import ChatbotError
-from .generation import (
-    DecodingSettings,
-    GenerationRequest,
-    Generator,
-    apply_overrides,
-    get_preset,
-    make_overrides,
-    prompt_budget,
-    seeded_for,
-)
+from .decoding import DecodingSettings, compose, get_preset, seeded_for
+from .generation import GenerationRequest, Generator, prompt_budget
 from .memory import MemoryStore, check_author_key, open_store
 from .prompting import Persona, clean_speaker, get_persona, list_personas
 from .repetition import max_similarity
@@ -313,8 +305,7 @@ class ChatEngine:
 
     def _decoding(self, persona: Persona, preset: str, overrides: Any) -> DecodingSettings:
         """The preset, then the persona's decoding table, then the settings', then this call's."""
-        settings = apply_overrides(get_preset(preset), make_overrides(persona.decoding or None))
-        return apply_overrides(apply_overrides(settings, self.settings.decoding), make_overrides(overrides))
+        return compose(preset, persona.decoding, self.settings.decoding, overrides)
 
     async def set_persona(self, conversation_id: str, name: str | None) -> Persona:
         """Choose this conversation's persona (kept across restarts); None goes back to the default."""

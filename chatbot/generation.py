@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import hashlib
 import logging
 import os
 import queue
@@ -22,9 +21,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Protocol, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ChatbotError, ModelNotFoundError, settings_error_message
+from .decoding import DecodingSettings, logits_pipeline
+from .errors import ChatbotError, ModelNotFoundError
 from .prompting import clean_text, cut_at_stop, format_name_for_model, make_format
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,137 +36,6 @@ DEFAULT_MODEL = PACKAGE_DIR / "models" / "chitchat-gpt2"
 
 FinishReason = Literal["stop", "length", "time"]
 EMPTY_RETRIES = 2
-
-
-class DecodingSettings(BaseModel):
-    """How a reply is sampled. Every field is validated; unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
-
-    max_new_tokens: int = Field(40, ge=1, le=2048)
-    """Upper bound on the reply length in tokens."""
-    temperature: float = Field(0.8, ge=0.0, le=10.0)
-    """Sampling temperature; 0 means greedy decoding."""
-    top_k: int = Field(50, ge=0)
-    """Sample only among the k most likely tokens; 0 turns the filter off."""
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    """Nucleus sampling: smallest token set whose probability reaches top_p; 1 turns it off."""
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    """Stock penalty on every prompt and reply token, the user's words too; prefer `bot_repetition_penalty` (1 = off)."""
-    bot_repetition_penalty: float = Field(1.3, ge=1.0, le=10.0)
-    """Divide the logits of tokens the bot itself said (earlier turns and this reply) by this; 1 turns it off."""
-    no_repeat_ngram_size: int = Field(3, ge=0, le=16)
-    """Never repeat an n-gram of this size within the reply (the prompt is not looked at); 0 turns it off."""
-    bot_no_repeat_ngram_size: int = Field(4, ge=0, le=16)
-    """Never produce an n-gram of this size that occurs in one of the bot's earlier turns; 0 turns it off."""
-    avoid_repeats: bool = True
-    """Regenerate a reply too like one of the bot's recent ones; applied by the engine, the generator ignores it."""
-    repeat_threshold: float = Field(0.8, gt=0.0, le=1.0)
-    """Similarity in (0, 1] from which a reply counts as a repeat; engine only, the generator ignores it."""
-    repeat_lookback: int = Field(5, ge=1, le=50)
-    """How many of the bot's latest replies a new one is compared with; engine only, the generator ignores it."""
-    repeat_retries: int = Field(2, ge=0, le=5)
-    """Most regenerations of a reply found to be a repeat; engine only, the generator ignores it."""
-    max_time: float = Field(20.0, gt=0.0, le=600.0)
-    """Seconds one generate call may take before it is stopped."""
-    seed: int | None = Field(None, ge=0)
-    """Seed for sampling; None samples differently every time."""
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
-def _overrides_model() -> type[BaseModel]:
-    from typing import Optional
-
-    from pydantic import create_model
-    from pydantic.fields import FieldInfo
-
-    # Same fields and limits as DecodingSettings, each optional: built from it so the
-    # two can never disagree about what a valid value is.
-    fields: dict[str, Any] = {
-        name: (Optional[info.annotation], FieldInfo.merge_field_infos(info, default=None))
-        for name, info in DecodingSettings.model_fields.items()
-    }
-    return create_model("DecodingOverrides", __config__=ConfigDict(extra="forbid", frozen=True), **fields)
-
-
-DecodingOverrides = _overrides_model()
-"""Some decoding settings to put on top of a preset; only the keys given count (``seed = None`` included)."""
-
-
-def apply_overrides(base: DecodingSettings, overrides: BaseModel | None) -> DecodingSettings:
-    """``base`` with the fields set in ``overrides`` replaced."""
-    given = overrides.model_dump(exclude_unset=True) if overrides is not None else {}
-    return DecodingSettings(**{**base.model_dump(), **given}) if given else base
-
-
-def make_overrides(value: Any) -> BaseModel | None:
-    """A `DecodingOverrides` from None, a dict or an overrides object; errors name the key."""
-    if value is None or isinstance(value, DecodingOverrides):
-        return value
-    if isinstance(value, DecodingSettings):
-        return DecodingOverrides(**value.model_dump())
-    if not isinstance(value, dict):
-        raise ChatbotError(f"decoding overrides must be a dict, got {type(value).__name__}")
-    try:
-        return DecodingOverrides(**value)
-    except ValidationError as err:
-        raise ChatbotError(settings_error_message(err)) from None
-
-
-def make_decoding_settings(**values: Any) -> DecodingSettings:
-    """Build `DecodingSettings`, turning validation errors into a `ChatbotError`."""
-    try:
-        return DecodingSettings(**values)
-    except ValidationError as err:
-        raise ChatbotError(settings_error_message(err)) from None
-
-
-REPETITION_OFF: dict[str, Any] = {
-    "repetition_penalty": 1.0,
-    "bot_repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-    "bot_no_repeat_ngram_size": 0,
-    "avoid_repeats": False,
-}
-"""Every repetition control off: ``apply_overrides(settings, make_overrides(REPETITION_OFF))``."""
-
-PRESETS: dict[str, DecodingSettings] = {
-    "greedy": DecodingSettings(temperature=0.0),
-    "precise": DecodingSettings(temperature=0.5, top_k=40, top_p=0.8),
-    "balanced": DecodingSettings(),
-    "creative": DecodingSettings(temperature=1.0, top_k=0, top_p=0.95, bot_repetition_penalty=1.5),
-    # The baseline that measures what the repetition controls buy: balanced without them.
-    "plain": DecodingSettings(**REPETITION_OFF),
-}
-"""Named decoding styles a persona (or a user) can pick; each is a full `DecodingSettings`."""
-
-
-def derive_seed(seed: int, *where: object) -> int:
-    """The seed of one reply, from the user's seed and where the reply stands (a conversation and
-    its turn, say): the same inputs give the same seed, every other position another one. A hash
-    rather than arithmetic, so no two positions collide however long a conversation runs."""
-    digest = hashlib.sha256(":".join(map(str, (seed, *where))).encode()).digest()
-    return int.from_bytes(digest[:4], "big") >> 1
-
-
-def seeded_for(settings: DecodingSettings, *where: object) -> DecodingSettings:
-    """``settings`` with its seed replaced by `derive_seed` for ``where``; unchanged without a seed.
-
-    A user's seed makes a whole conversation reproducible; used as it is for every reply,
-    it would make the replies alike (the same random draws at every turn)."""
-    if settings.seed is None:
-        return settings
-    return settings.model_copy(update={"seed": derive_seed(settings.seed, *where)})
-
-
-def get_preset(name: str) -> DecodingSettings:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ChatbotError(f"unknown decoding preset {name!r}; available: {', '.join(PRESETS)}") from None
 
 
 @dataclass(frozen=True)
@@ -394,7 +262,6 @@ class LocalGenerator:
         self.name = name
         self.format = make_format(format_name_for_model(name, model.config), tokenizer.eos_token)
         self.context_size = int(getattr(model.config, "n_positions", 1024))
-        self._begin_suppress: list[int] | None = None
         # Counting runs on other threads than generation (the engine builds windows off
         # the event loop), and a fast tokenizer switches its padding/truncation state on
         # each batched call, which fails ("Already borrowed") under concurrent use. So
@@ -427,21 +294,20 @@ class LocalGenerator:
         with self._counter_lock:
             return list(self._counter(text, add_special_tokens=False)["input_ids"])
 
-    def _blank_start_ids(self) -> list[int]:
-        """Tokens that would make the reply empty if generated first.
+    @functools.cached_property
+    def blank_start_ids(self) -> list[int]:
+        """Tokens that would make the reply empty if generated first (end-of-text, line breaks).
 
-        Suppressing them at the first step (transformers' ``begin_suppress_tokens``)
-        costs nothing and removes empty replies, which small models produce often.
+        Suppressing them at the first step costs nothing and removes empty replies, which
+        small models produce often.
         """
-        if self._begin_suppress is None:
-            tok = self.tokenizer
-            ids = {tok.eos_token_id}
-            for i in range(len(tok)):
-                piece = tok.decode([i])
-                if piece and not piece.strip() and "\n" in piece:
-                    ids.add(i)
-            self._begin_suppress = sorted(i for i in ids if i is not None)
-        return self._begin_suppress
+        tok = self.tokenizer
+        ids = {tok.eos_token_id}
+        for i in range(len(tok)):
+            piece = tok.decode([i])
+            if piece and not piece.strip() and "\n" in piece:
+                ids.add(i)
+        return sorted(i for i in ids if i is not None)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Generate one result per request; requests with equal settings share a batch.
@@ -470,7 +336,7 @@ class LocalGenerator:
                 break
         return [r for r in results if r is not None]
 
-    def _bot_turn_ids(self, bot_texts: Sequence[str]) -> list[list[int]]:
+    def bot_turn_ids(self, bot_texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each of the bot's turns as they are tokenised inside the prompt."""
         # In a transcript the turn's first word carries the space after "Name:" (one token
         # with it); a DialoGPT turn follows the end-of-text token directly. Cleaning the
@@ -483,28 +349,14 @@ class LocalGenerator:
         with self._counter_lock:
             return [list(ids) for ids in self._counter(texts, add_special_tokens=False)["input_ids"]]
 
-    def _logits_processors(self, requests: Sequence[GenerationRequest], settings: DecodingSettings,
-                           prompt_length: int) -> Any:
-        """The repetition controls for one batch, as a `LogitsProcessorList` (empty when all are off).
-
-        Row ``i`` of the batch is ``requests[i]``; rows may carry different ``bot_texts``.
-        ``prompt_length`` is the padded prompt length, where every row's reply begins.
-        """
-        from transformers import LogitsProcessorList
-
-        from .repetition import BotRepetitionPenalty, ReplyNoRepeatNGram
-
-        processors = LogitsProcessorList()
+    def pipeline(self, requests: Sequence[GenerationRequest], settings: DecodingSettings, prompt_length: int,
+                 *, suppress_blank_start: bool = True) -> tuple[Any, Any]:
+        """`decoding.logits_pipeline` for a batch of ``requests`` (row ``i`` is ``requests[i]``, with
+        its own ``bot_texts``) whose replies begin at ``prompt_length``."""
         need_bot_ids = settings.bot_repetition_penalty > 1.0 or settings.bot_no_repeat_ngram_size > 0
-        turns = [self._bot_turn_ids(r.bot_texts) if need_bot_ids else [] for r in requests]
-        if settings.bot_repetition_penalty > 1.0:
-            said = [[t for turn in row for t in turn] for row in turns]
-            processors.append(BotRepetitionPenalty(settings.bot_repetition_penalty, said, prompt_length))
-        if settings.no_repeat_ngram_size > 0:
-            processors.append(ReplyNoRepeatNGram(settings.no_repeat_ngram_size, prompt_length))
-        if settings.bot_no_repeat_ngram_size > 0 and any(turns):
-            processors.append(ReplyNoRepeatNGram(settings.bot_no_repeat_ngram_size, prompt_length, turns))
-        return processors
+        turns = [self.bot_turn_ids(r.bot_texts) if need_bot_ids else [] for r in requests]
+        return logits_pipeline(settings, prompt_length=prompt_length, bot_turns=turns,
+                               blank_start_ids=self.blank_start_ids if suppress_blank_start else ())
 
     def _prepare(self, requests: Sequence[GenerationRequest], settings: DecodingSettings,
                  stops: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -522,26 +374,28 @@ class LocalGenerator:
         enc = tok([r.prompt for r in requests], return_tensors="pt", padding=True, truncation=True,
                   max_length=budget, add_special_tokens=False)
         enc = {k: v.to(self.device) for k, v in enc.items()}
+        from transformers import LogitsProcessorList
+
+        processors, warpers = self.pipeline(requests, settings, enc["input_ids"].shape[1])
         kwargs: dict[str, Any] = dict(
             max_new_tokens=settings.max_new_tokens,
             max_time=settings.max_time,
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
-            repetition_penalty=settings.repetition_penalty,
-            # 0 keeps the stock n-gram ban off even where a model's generation_config sets
-            # one: it reads the whole prompt, so it would forbid echoing the user's words.
-            # `no_repeat_ngram_size` is ours, in the processors below.
+            # Every processor and warper comes from `logits_pipeline`; transformers' own are set to
+            # do nothing, also where a model's generation_config asks for one (its n-gram ban reads
+            # the whole prompt, so it would forbid echoing the user's words).
+            repetition_penalty=1.0,
             no_repeat_ngram_size=0,
-            begin_suppress_tokens=self._blank_start_ids(),
-            logits_processor=self._logits_processors(requests, settings, enc["input_ids"].shape[1]),
+            begin_suppress_tokens=None,
+            logits_processor=LogitsProcessorList([*processors, *(warpers or ())]),
         )
         if stops:
             kwargs.update(stop_strings=list(stops), tokenizer=tok)
         if settings.greedy:
             kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
         else:
-            kwargs.update(do_sample=True, temperature=settings.temperature, top_k=settings.top_k or None,
-                          top_p=settings.top_p)
+            kwargs.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         return enc, kwargs

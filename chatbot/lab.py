@@ -33,17 +33,9 @@ from pydantic import (
     model_validator,
 )
 
+from .decoding import PRESETS, DecodingOverrides, DecodingSettings, compose, derive_seed
 from .errors import ChatbotError, read_text, read_toml, settings_error_message
-from .generation import (
-    PRESETS,
-    DecodingOverrides,
-    DecodingSettings,
-    apply_overrides,
-    derive_seed,
-    get_preset,
-    make_overrides,
-    resolve_model,
-)
+from .generation import resolve_model
 from .lab_metrics import LabTurn, cell_metrics, reply_nll
 from .prompting import Persona, PersonaExample, check_speaker, get_persona, load_persona
 from .safety import sanitize_input, skeleton
@@ -444,10 +436,7 @@ def prepare(path: str | Path, settings: Any, *, models: Sequence[str] = (), seed
                     base, overrides = scenario.presets[preset].base, scenario.presets[preset].overrides()
                 else:
                     base, overrides = preset, {}
-                # As the engine composes them: the preset, the persona's table, the settings', the call's.
-                resolved = apply_overrides(apply_overrides(get_preset(base), make_overrides(persona.decoding or None)),
-                                           settings.decoding)
-                resolved = apply_overrides(resolved, make_overrides(overrides))
+                resolved = compose(base, persona.decoding, settings.decoding, overrides)
                 cells.append(LabCell(model, persona_name, preset, base, overrides, resolved))
     return LabPlan(scenario, path, personas, cells, labels, settings)
 

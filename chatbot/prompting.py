@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .decoding import PRESETS, make_overrides
 from .errors import ChatbotError, read_toml, settings_error_message
 
 __all__ = [
@@ -220,8 +221,6 @@ class Persona(BaseModel):
     @field_validator("decoding")
     @classmethod
     def _decoding(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from .generation import make_overrides
-
         try:
             make_overrides(value)
         except ChatbotError as err:
@@ -236,8 +235,6 @@ class Persona(BaseModel):
     @field_validator("preset")
     @classmethod
     def _preset(cls, value: str) -> str:
-        from .generation import PRESETS
-
         if value not in PRESETS:
             raise ValueError(f"must be one of {', '.join(PRESETS)}")
         return value

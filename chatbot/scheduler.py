@@ -285,7 +285,6 @@ class BatchingGenerator:
         """Requests whose prompts are being read, each into its own row of `_stage` (`_Sequence.stage_row`)."""
         self._fit: int | None = None
         """Rows a decode step ran with after running out of memory (None: all of them)."""
-        self._suppress: list[int] | None = None
         """Token ids a reply may not start with, within the model's vocabulary (found at the first step)."""
         # Allocated once, here, so that a `max_batch` too large for the device fails now.
         import torch
@@ -395,21 +394,10 @@ class BatchingGenerator:
         ids = list(prompt_ids if prompt_ids is not None else self.base.encode(request.prompt))[-budget:]
         if not ids:
             ids = [self.tokenizer.eos_token_id]
-        processors = self.base._logits_processors([request], s, len(ids))
-        if s.repetition_penalty != 1.0:
-            from transformers import RepetitionPenaltyLogitsProcessor
-
-            processors.append(RepetitionPenaltyLogitsProcessor(s.repetition_penalty))
-        warpers = None
+        # With `ignore_eos` (benchmarks) a reply may well begin with end-of-text.
+        processors, warpers = self.base.pipeline([request], s, len(ids), suppress_blank_start=not self.ignore_eos)
         sampler = None
-        if not s.greedy:
-            from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-            warpers = LogitsProcessorList([TemperatureLogitsWarper(s.temperature)])
-            if s.top_k:
-                warpers.append(TopKLogitsWarper(s.top_k))
-            if s.top_p < 1.0:
-                warpers.append(TopPLogitsWarper(s.top_p))
+        if warpers is not None:
             sampler = torch.Generator(device=self.model.device)
             if s.seed is not None:
                 sampler.manual_seed(s.seed)
@@ -673,15 +661,11 @@ class BatchingGenerator:
         batch = self._batch if rows is None else self._batch[:rows]
         self.steps += 1
         self.rows_stepped += len(batch)
-        if self._suppress is None:
-            # An id past the model's vocabulary (a token added to the tokenizer only) cannot be generated anyway.
-            self._suppress = [i for i in self.base._blank_start_ids() if i < logits.shape[-1]]
-        suppress = self._suppress
         for row, seq in enumerate(batch):
             if seq.done is not None:
                 continue
             try:
-                token = self._choose(seq, logits[row: row + 1], suppress)
+                token = self._choose(seq, logits[row: row + 1])
             except Exception as err:  # one request's settings or processors failing end that request only
                 log.exception("choosing a token failed")
                 self._fail(seq, err)
@@ -692,13 +676,10 @@ class BatchingGenerator:
                 seq.first_token_at = time.perf_counter()
             self._advance(seq, token)
 
-    def _choose(self, seq: _Sequence, scores: Any, suppress: list[int]) -> int:
+    def _choose(self, seq: _Sequence, scores: Any) -> int:
         """The next token of one row: its processors, then greedy or its own sampler."""
         import torch
 
-        if len(seq.ids) == seq.prompt_len and not self.ignore_eos:  # the first reply token: not an empty turn
-            scores = scores.clone()
-            scores[:, suppress] = float("-inf")
         if not seq.processors and seq.warpers is None:
             return int(scores.argmax(dim=-1))
         row_ids = torch.tensor([seq.ids], device=scores.device)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .generation import REPETITION_OFF
+from .decoding import REPETITION_OFF
 from .repetition import distinct_n, normalize_for_comparison, repeated_turn_rate
 
 PARTNER_LINES = (

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from chatbot.generation import DEFAULT_MODEL, DecodingSettings, GenerationRequest, LocalGenerator
+from chatbot.decoding import DecodingSettings
+from chatbot.generation import DEFAULT_MODEL, GenerationRequest, LocalGenerator
 from chatbot.prompting import Utterance
 
 ROOT = Path(__file__).resolve().parents[2]

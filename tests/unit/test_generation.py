@@ -1,18 +1,16 @@
 import pytest
 
 from chatbot.errors import ChatbotError, ModelNotFoundError
-from chatbot.generation import (
+from chatbot.decoding import (
     PRESETS,
     REPETITION_OFF,
+    apply_overrides,
     DecodingOverrides,
     DecodingSettings,
-    GenerationRequest,
-    LocalGenerator,
-    apply_overrides,
-    load_model,
     make_decoding_settings,
     make_overrides,
 )
+from chatbot.generation import GenerationRequest, LocalGenerator, load_model
 
 # Greedy with every repetition control off: the tiny model's bare, deterministic output.
 GREEDY = DecodingSettings(temperature=0, max_new_tokens=12, **REPETITION_OFF)
@@ -229,9 +227,12 @@ def test_plain_and_repetition_off_switch_every_control_off(gen):
     request = GenerationRequest("ada: hi\nBot: hello there\nada: hey\nBot:", PRESETS["plain"],
                                 bot_texts=("hello there",))
     for settings in (PRESETS["plain"], apply_overrides(PRESETS["creative"], make_overrides(REPETITION_OFF))):
-        assert len(gen._logits_processors([request], settings, 20)) == 0
+        processors, _ = gen.pipeline([request], settings, 20, suppress_blank_start=False)
+        assert len(processors) == 0
         _, kwargs = gen._prepare([request], settings, ())
-        assert len(kwargs["logits_processor"]) == 0
+        assert [type(p).__name__ for p in kwargs["logits_processor"]][:1] == ["SuppressTokensAtBeginLogitsProcessor"]
+        assert not any("Repetition" in type(p).__name__ or "NGram" in type(p).__name__
+                       for p in kwargs["logits_processor"])
         assert kwargs["repetition_penalty"] == 1.0
         assert not kwargs["no_repeat_ngram_size"]  # the stock n-gram ban reads the prompt; never on
 
@@ -241,7 +242,7 @@ def test_processors_follow_the_settings_and_each_rows_bot_texts(gen):
 
     said = ("hello there", "i like tea")
     rows = [GenerationRequest("p", bot_texts=said), GenerationRequest("q")]
-    procs = gen._logits_processors(rows, DecodingSettings(), 9)
+    procs, _ = gen.pipeline(rows, DecodingSettings(), 9, suppress_blank_start=False)
     assert [type(p) for p in procs] == [BotRepetitionPenalty, ReplyNoRepeatNGram, ReplyNoRepeatNGram]
     penalty, in_reply, against_bot = procs
     # Each turn tokenised as it sits in a transcript, after "Bot:" with its leading space.
@@ -253,10 +254,10 @@ def test_processors_follow_the_settings_and_each_rows_bot_texts(gen):
     assert against_bot._turn_bans[1] == {}
 
     # Without any bot turn there is nothing to check the reply against.
-    assert [type(p) for p in gen._logits_processors([GenerationRequest("p")], DecodingSettings(), 9)] == [
-        BotRepetitionPenalty, ReplyNoRepeatNGram]
+    assert [type(p) for p in gen.pipeline([GenerationRequest("p")], DecodingSettings(), 9,
+                                          suppress_blank_start=False)[0]] == [BotRepetitionPenalty, ReplyNoRepeatNGram]
     only_ngrams = DecodingSettings(bot_repetition_penalty=1.0, no_repeat_ngram_size=0, bot_no_repeat_ngram_size=2)
-    assert [type(p) for p in gen._logits_processors(rows, only_ngrams, 9)] == [ReplyNoRepeatNGram]
+    assert [type(p) for p in gen.pipeline(rows, only_ngrams, 9, suppress_blank_start=False)[0]] == [ReplyNoRepeatNGram]
 
 
 def test_user_words_are_not_penalised(gen):
@@ -268,7 +269,8 @@ def test_user_words_are_not_penalised(gen):
     assert len(phrase) >= 3
     prompt = gen.tokenizer("ada: i like pasta\nBot:", add_special_tokens=False)["input_ids"]
     settings = DecodingSettings(no_repeat_ngram_size=3, bot_repetition_penalty=2.0)
-    procs = gen._logits_processors([GenerationRequest("ada: i like pasta\nBot:", settings)], settings, len(prompt))
+    procs, _ = gen.pipeline([GenerationRequest("ada: i like pasta\nBot:", settings)], settings, len(prompt),
+                            suppress_blank_start=False)
     # The reply has begun the user's phrase; its next token must keep its score.
     input_ids = torch.tensor([prompt + phrase[:-1]])
     scores = torch.ones((1, len(gen.tokenizer)))
@@ -288,7 +290,7 @@ def _clean_greedy_reply(gen):
     for user in ["hi", "do you have any pets?", "what did you eat today?", "yo"]:
         prompt = f"ada: {user}\nBot:"
         text = gen.generate([GenerationRequest(prompt, GREEDY, stops)])[0].text
-        if "\ufffd" not in text and len(gen._bot_turn_ids([text])[0]) >= 3:
+        if "\ufffd" not in text and len(gen.bot_turn_ids([text])[0]) >= 3:
             return prompt, stops, text
     raise AssertionError("no prompt gave a clean greedy reply")
 
@@ -311,7 +313,7 @@ def test_bot_texts_keep_the_reply_off_the_bots_earlier_turn(gen):
     reply = gen.generate([request])[0].text
     assert reply != earlier
 
-    said = gen._bot_turn_ids([earlier])[0]
+    said = gen.bot_turn_ids([earlier])[0]
     said_pairs = set(zip(said, said[1:]))
     new = _reply_ids(gen, GenerationRequest(prompt, controls, (), (earlier,)))
     assert len(new) >= 2
@@ -347,7 +349,8 @@ def test_request_keeps_its_positional_fields():
 def test_a_cancelled_request_ends_at_its_next_token_and_the_batch_goes_on(roomy_gen):
     import threading
 
-    from chatbot.generation import DecodingSettings, GenerationRequest
+    from chatbot.decoding import DecodingSettings
+    from chatbot.generation import GenerationRequest
 
     settings = DecodingSettings(temperature=0, max_new_tokens=30, no_repeat_ngram_size=0, bot_repetition_penalty=1.0)
     cancel = threading.Event()
@@ -370,7 +373,8 @@ def test_a_cancelled_request_ends_at_its_next_token_and_the_batch_goes_on(roomy_
 def test_the_cpu_gets_bfloat16_only_where_it_multiplies_it_natively(monkeypatch, tiny_dir, native):
     import torch
 
-    from chatbot.generation import DecodingSettings, GenerationRequest, LocalGenerator, _dtype_for
+    from chatbot.decoding import DecodingSettings
+    from chatbot.generation import GenerationRequest, LocalGenerator, _dtype_for
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chatbot.generation import DEFAULT_MODEL, DecodingSettings, GenerationRequest, LocalGenerator, ReplyText
+from chatbot.decoding import DecodingSettings
+from chatbot.generation import DEFAULT_MODEL, GenerationRequest, LocalGenerator, ReplyText
 from chatbot.prompting import cut_at_stop
 
 STOPS = ["\n", " ada:", "<|endoftext|>"]

@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from chatbot.generation import DecodingSettings, GenerationRequest
+from chatbot.decoding import DecodingSettings
+from chatbot.generation import GenerationRequest
 from chatbot.scheduler import BatchingGenerator, GeneratorBusy, PrefixCache
 
 GREEDY = DecodingSettings(temperature=0, max_new_tokens=12, max_time=60)
@@ -466,7 +467,7 @@ def test_running_out_of_memory_keeping_a_finished_row_costs_only_the_saving(room
 
 
 def test_a_blank_start_id_past_the_models_vocabulary_is_ignored(roomy_gen, sched, monkeypatch):
-    monkeypatch.setattr(roomy_gen, "_begin_suppress", [*roomy_gen._blank_start_ids(), 10**6])
+    monkeypatch.setattr(roomy_gen, "blank_start_ids", [*roomy_gen.blank_start_ids, 10**6])
     alone = roomy_gen.generate([GenerationRequest(PROMPTS[0], GREEDY, STOPS)])[0]
     assert sched.generate([GenerationRequest(PROMPTS[0], GREEDY, STOPS)])[0].text == alone.text
 
@@ -505,17 +506,17 @@ def test_a_sampled_reply_that_comes_out_empty_is_sampled_again(sched, monkeypatc
 
 
 def test_a_request_whose_processor_fails_ends_alone(roomy_gen, sched, monkeypatch):
-    real = roomy_gen._logits_processors
+    real = roomy_gen.pipeline
 
-    def processors(requests, settings, prompt_len):
-        out = real(requests, settings, prompt_len)
+    def pipeline(requests, settings, prompt_len, **kwargs):
+        processors, warpers = real(requests, settings, prompt_len, **kwargs)
         if requests[0].prompt == PROMPTS[1]:
             def broken(ids, scores):
                 raise ValueError("a broken logits processor (simulated)")
-            out.append(broken)
-        return out
+            processors.append(broken)
+        return processors, warpers
 
-    monkeypatch.setattr(roomy_gen, "_logits_processors", processors)
+    monkeypatch.setattr(roomy_gen, "pipeline", pipeline)
     alone = roomy_gen.generate([GenerationRequest(PROMPTS[2], GREEDY, STOPS)])[0]
     broken = sched.submit(GenerationRequest(PROMPTS[1], GREEDY, STOPS))
     kept = sched.submit(GenerationRequest(PROMPTS[2], GREEDY, STOPS))

@@ -182,7 +182,7 @@ def test_evaluate_rebuilds_the_validation_split(tmp_path):
     from chatbot.training import evaluate
 
     report = train(tiny_options(tmp_path, max_steps=20, eval_every=10), progress=False)
-    from chatbot.generation import DecodingSettings
+    from chatbot.decoding import DecodingSettings
 
     result = evaluate(str(tmp_path / "model"), samples=2, device="cpu",
                       settings=DecodingSettings(max_new_tokens=8, seed=0))
