@@ -30,11 +30,10 @@ from chatbot.errors import ChatbotError
 from chatbot.decoding import ENGINE_ONLY, GENERATION_FIELDS, DecodingSettings, compose, seeded_for
 from chatbot.generation import GenerationRequest, GenerationResult, prompt_budget, resolve_model
 from chatbot.memory import MAX_TURN_CHARS
+from chatbot.reply_policy import ReplyPolicy
 from chatbot.prompting import clean_speaker, get_persona
 from chatbot.safety import (
-    FilterChain,
     break_special_tokens,
-    gate_sentences,
     neutralise_speaker_tags,
     normalise,
     output_chain,
@@ -99,7 +98,7 @@ class _GPT2Mixin(BaseModel):
     generator: Any = Field(default=None, exclude=True)
     """A ready `Generator` to use instead of loading ``model`` (tests, or sharing the engine's)."""
 
-    _filters: FilterChain | None = PrivateAttr(default=None)
+    _policy: ReplyPolicy = PrivateAttr()
 
     def _setup(self) -> None:
         settings = self.decoding()  # every value checked now, with the field named
@@ -107,8 +106,8 @@ class _GPT2Mixin(BaseModel):
             object.__setattr__(self, "generator",
                                _shared_generator(resolve_model(self.model), self.device, self.allow_download))
         self._checked_length(settings)
-        if self.safety:
-            self._filters = output_chain(toxicity_threshold=self.toxicity_threshold)
+        self._policy = ReplyPolicy(output_chain(toxicity_threshold=self.toxicity_threshold) if self.safety else None,
+                                   self.unsafe_retries)
 
     def decoding(self, **overrides: Any) -> DecodingSettings:
         """The preset with this instance's fields, then the call's ``overrides``, on top."""
@@ -174,50 +173,28 @@ class _GPT2Mixin(BaseModel):
     # -- generation with the filters ------------------------------------------------
 
     def _generate_checked(self, requests: list[GenerationRequest]) -> list[tuple[GenerationResult, str, tuple[str, ...]]]:
-        """Results with their filtered text and the filters' reasons; unsafe ones regenerated (batched), then replaced."""
-        results = self.generator.generate(requests)
-        texts: list[str | None] = [None] * len(requests)
-        reasons: list[list[str]] = [[] for _ in requests]
-        pending = list(range(len(requests)))
-        for attempt in range(self.unsafe_retries + 1):
-            retry = []
-            for i in pending:
-                if self._filters is None:
-                    texts[i] = results[i].text
-                    continue
-                verdict = self._filters.check(results[i].text)
-                reasons[i].extend(verdict.reasons)
-                if verdict.allowed:
-                    texts[i] = verdict.text
-                else:
-                    retry.append(i)
-            if not retry or attempt == self.unsafe_retries:
-                pending = retry
-                break
-            again = self.generator.generate([requests[i].retry(attempt + 1) for i in retry])
-            for i, result in zip(retry, again):
-                results[i] = result
-            pending = retry
-        for i in pending:
-            texts[i] = self.unsafe_fallback
-        return [(results[i], texts[i] or "", tuple(reasons[i])) for i in range(len(requests))]
+        """Results with their checked text and the filters' reasons, through the engine's reply
+        policy (`ReplyPolicy.whole`, one batch on the model per round); a reply that stayed
+        unsafe is replaced by ``unsafe_fallback``."""
+        out = []
+        for outcome in self._policy.whole(self.generator, requests):
+            text = self.unsafe_fallback if outcome.finish == "unsafe" else outcome.text
+            assert outcome.result is not None
+            out.append((outcome.result, text, tuple(outcome.reasons)))
+        return out
 
     def _stream_checked(self, request: GenerationRequest) -> Iterator[str]:
-        """The generator's pieces; with the filters on, checked sentences (`safety.gate_sentences`).
-
-        A blocked first sentence gives the fallback text; a later one ends the stream at
-        the last safe sentence, since what was shown cannot be taken back.
-        """
-        pieces = self.generator.stream(request)
+        """The reply policy's streamed reply (`ReplyPolicy.gated`): with the filters on, checked
+        sentences; a blocked first sentence is generated again, then replaced by the fallback
+        text; a later one ends the stream at the last safe sentence."""
+        gated = self._policy.gated(self.generator, request)
+        pieces = gated.pieces()
         try:
-            if self._filters is None:
-                yield from pieces
-                return
-            for out, verdict in gate_sentences(pieces, self._filters, fallback=self.unsafe_fallback):
-                if out:
-                    yield out
+            yield from pieces
         finally:
             pieces.close()  # stops the model when the caller left early
+        if gated.outcome is not None and gated.outcome.finish == "unsafe" and not gated.outcome.text:
+            yield self.unsafe_fallback
 
 
 # --------------------------------------------------------------------------- the LLM

@@ -14,7 +14,6 @@ turns on it rather than fighting over the same cores.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import threading
@@ -32,14 +31,13 @@ from .decoding import DecodingSettings, compose, get_preset, seeded_for
 from .generation import GenerationRequest, Generator, prompt_budget
 from .memory import MemoryStore, check_author_key, open_store
 from .prompting import Persona, clean_speaker, get_persona, list_personas
-from .repetition import max_similarity
+from .reply_policy import Outcome, RepeatCheck, ReplyPolicy
 from .scheduler import GeneratorBusy
 from .safety import (
     FilterContext,
     InputRejected,
     ToxicityFilter,
     break_special_tokens,
-    gate_sentences,
     neutralise_speaker_tags,
     output_chain,
     sanitize_input,
@@ -118,18 +116,6 @@ class _Plan:
     recent_replies: tuple[str, ...]
     """The bot's latest replies (up to `repeat_lookback`), to catch a reply that repeats one."""
     speakers: tuple[str, ...]
-
-
-@dataclass
-class _Outcome:
-    """The reply chosen among the attempts, before it is stored."""
-
-    text: str
-    finish: str
-    reply_tokens: int
-    reasons: list[str]
-    attempts: int
-    similarity: float
 
 
 class _Clock:
@@ -240,6 +226,7 @@ class ChatEngine:
         self.output_filter = output_chain(redact_personal_data=st.redact_personal_data,
                                           block_toxic=st.block_toxic_output, toxicity=toxicity)
         self.input_filter = toxicity if st.abusive_input == "refuse" else None
+        self.policy = ReplyPolicy(self.output_filter, st.unsafe_retries)
         self._bad_persona_files: set[str] = set()
         self._persona_speakers = {p.speaker for p in self.personas().values()} | {self.default_persona.speaker}
         self._bot_skeletons = {skeleton(s) for s in self._persona_speakers}
@@ -440,29 +427,23 @@ class ChatEngine:
                 holder.reply = plan
                 yield plan.text
                 return
-            context = FilterContext(conversation_id, plan.speakers)
-            reasons: list[str] = []
-            shown = ""
-            finish = "unsafe"
-            attempts = 0
+            gated = self.policy.gated(self.generator, plan.request, FilterContext(conversation_id, plan.speakers))
             started = time.perf_counter()
-            for attempt in range(self.settings.unsafe_retries + 1):
-                attempts = attempt + 1
-                request = plan.request if attempt == 0 else plan.request.retry(attempt)
-                blocked = False
-                async with contextlib.aclosing(self._gated(request, context, conversation_id)) as gated:
-                    async for out, verdict in gated:
-                        reasons.extend(r for r in verdict.reasons if r not in reasons)
-                        if not verdict.allowed:
-                            blocked = True
-                            break
-                        shown += out
-                        yield out
-                if not blocked:
-                    finish = "stop"
-                    break
-                if shown:
-                    break  # part of the reply is already out: it ends at the last safe sentence
+            try:
+                # Leaving early (a time limit, a shutdown) stops the model at its next token; the
+                # worker has finished by the time this loop is left, so the conversation is never
+                # unlocked while its model call still runs.
+                async for piece in iterate_in_thread(gated.pieces, self._executor, on_stop=gated.stop):
+                    yield piece
+            except GeneratorBusy as err:
+                raise EngineBusy(str(err)) from None
+            except ChatbotError:
+                raise
+            except Exception as err:
+                raise self._failed(conversation_id, err) from err
+            assert gated.outcome is not None
+            shown, finish, reasons, attempts = (gated.outcome.text, gated.outcome.finish, gated.outcome.reasons,
+                                                gated.outcome.attempts)
             if finish == "unsafe" and not shown:
                 yield self.settings.unsafe_fallback_reply
             elif not shown.strip():
@@ -473,38 +454,10 @@ class ChatEngine:
                     finish = "time"
                 elif n_tokens >= plan.settings.max_new_tokens:
                     finish = "length"
-            similarity = max_similarity(shown, plan.recent_replies) if shown.strip() else 0.0
+            similarity = RepeatCheck(plan.recent_replies, plan.settings).similarity(shown)
             clock.mark("generate")
-            holder.reply = await self._finish(plan, clock, _Outcome(shown, finish, n_tokens, reasons, attempts,
-                                                                    similarity))
-
-    async def _gated(self, request: GenerationRequest, context: FilterContext,
-                     conversation_id: str) -> AsyncIterator[tuple[str, Any]]:
-        """The model's stream as checked sentences (`safety.gate_sentences`), from the worker thread.
-
-        Leaving early stops the model at its next token; the worker has finished by the
-        time this generator is closed, so the conversation is never unlocked while its
-        model call still runs.
-        """
-        def gated() -> Iterator[tuple[str, Any]]:
-            pieces = self.generator.stream(request)
-            try:
-                yield from gate_sentences(pieces, self.output_filter, context)
-            finally:
-                getattr(pieces, "close", lambda: None)()  # stops the model when we left early
-
-        # Leaving early (a time limit, a shutdown, an unsafe sentence) stops the model at its
-        # next token, not at the end of the sentence it is writing.
-        stop_model = request.cancel.set if request.cancel is not None else None
-        try:
-            async for item in iterate_in_thread(gated, self._executor, on_stop=stop_model):
-                yield item
-        except GeneratorBusy as err:
-            raise EngineBusy(str(err)) from None
-        except ChatbotError:
-            raise
-        except Exception as err:
-            raise self._failed(conversation_id, err) from err
+            holder.reply = await self._finish(plan, clock, Outcome(shown, finish, n_tokens, reasons, attempts,
+                                                                   similarity))
 
     # ------------------------------------------------------------------ the steps
 
@@ -525,53 +478,23 @@ class ChatEngine:
                      window_turns=0, dropped_turn_ids=(), cut_turn_ids=(), user_turn_id=None, bot_turn_id=None,
                      settings=settings, safety=tuple(f"input {r}" for r in verdict.reasons), refused=True)
 
-    async def _generate_checked(self, plan: _Plan) -> _Outcome:
-        """Generate, filter and compare with recent replies; try again (bounded) when unsafe or a repeat.
-
-        Among safe candidates the least repetitive one is kept; when every try was unsafe
-        the outcome is empty and `_finish` sends the unsafe fallback.
-        """
-        s = plan.settings
+    async def _generate_checked(self, plan: _Plan) -> Outcome:
+        """The reply policy's whole reply (`ReplyPolicy.whole`) for this plan, on the model's worker."""
         context = FilterContext(plan.user_turn.conversation_id, plan.speakers)
-        reasons: list[str] = []
-        candidates: list[_Outcome] = []
-        unsafe = repeats = 0
-        attempt = 0
-        while True:
-            request = plan.request if attempt == 0 else plan.request.retry(attempt)
-            attempt += 1
-            try:
-                result = (await self._in_worker(self.generator.generate, [request]))[0]
-            except GeneratorBusy as err:
-                raise EngineBusy(str(err)) from None
-            except asyncio.CancelledError:
-                # Whoever waited has gone (a time limit, a shutdown): free the model for the next reply.
-                if request.cancel is not None:
-                    request.cancel.set()
-                raise
-            except Exception as err:
-                raise self._failed(plan.user_turn.conversation_id, err) from err
-            verdict = await asyncio.to_thread(self.output_filter.check, result.text, context)
-            reasons.extend(r for r in verdict.reasons if r not in reasons)
-            if not verdict.allowed:
-                unsafe += 1
-                log.info("%s: unsafe reply (%s)", plan.user_turn.conversation_id, "; ".join(verdict.reasons))
-                if unsafe > self.settings.unsafe_retries:
-                    break
-                continue
-            similarity = max_similarity(verdict.text, plan.recent_replies) if verdict.text.strip() else 0.0
-            candidates.append(_Outcome(verdict.text, result.finish_reason, result.completion_tokens, reasons,
-                                       attempt, similarity))
-            if not s.avoid_repeats or similarity < s.repeat_threshold or repeats >= s.repeat_retries:
-                break
-            repeats += 1
-        if not candidates:
-            return _Outcome("", "unsafe", 0, reasons, attempt, 0.0)
-        best = min(candidates, key=lambda c: c.similarity)
-        best.reasons, best.attempts = reasons, attempt
-        if repeats and best.similarity >= s.repeat_threshold:
-            reasons.append(f"repeat: kept the least repetitive of {len(candidates)} replies")
-        return best
+        repeat = RepeatCheck(plan.recent_replies, plan.settings)
+        try:
+            return (await self._in_worker(self.policy.whole, self.generator, [plan.request], [context], [repeat]))[0]
+        except GeneratorBusy as err:
+            raise EngineBusy(str(err)) from None
+        except asyncio.CancelledError:
+            # Whoever waited has gone (a time limit, a shutdown): free the model for the next reply.
+            if plan.request.cancel is not None:
+                plan.request.cancel.set()
+            raise
+        except ChatbotError:
+            raise
+        except Exception as err:
+            raise self._failed(plan.user_turn.conversation_id, err) from err
 
     @asynccontextmanager
     async def _exchange(self, conversation_id: str, author: str, author_key: str | None, text: str,
@@ -600,7 +523,7 @@ class ChatEngine:
             clock.mark("prepare")
             yield plan
 
-    async def _finish(self, plan: _Plan, clock: _Clock, outcome: _Outcome) -> Reply:
+    async def _finish(self, plan: _Plan, clock: _Clock, outcome: Outcome) -> Reply:
         """Store the bot turn (a fallback when the model gave nothing usable) and build the `Reply`."""
         text, finish = outcome.text, outcome.finish
         conversation_id = plan.user_turn.conversation_id

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -524,17 +524,40 @@ def evaluate_filter(check: Any, rows: Sequence[dict[str, str]]) -> FilterReport:
     return FilterReport({k: (v[0], v[1]) for k, v in sorted(counts.items())}, tuple(missed + wrongly))
 
 
-def output_chain(*, toxicity_threshold: float = 0.9, blocklist: Sequence[str] = (), allowlist: Sequence[str] = (),
-                 redact_personal_data: bool = True, block_toxic: bool = True,
-                 toxicity: ToxicityFilter | None = None) -> FilterChain:
-    """The engine's output filters in order: toxicity (``toxicity`` if given), personal data, mentions (always)."""
-    filters: list[Any] = []
-    if block_toxic:
-        filters.append(toxicity or ToxicityFilter(toxicity_threshold, blocklist=blocklist, allowlist=allowlist))
-    if redact_personal_data:
-        filters.append(PersonalDataFilter())
-    filters.append(MentionFilter())
-    return FilterChain(filters)
+@dataclass(frozen=True)
+class FilterOptions:
+    """What the settings (or a LangChain model's fields) say about the output filters."""
+
+    toxicity_threshold: float = 0.9
+    blocklist: Sequence[str] = ()
+    allowlist: Sequence[str] = ()
+    redact_personal_data: bool = True
+    block_toxic: bool = True
+    toxicity: ToxicityFilter | None = None
+    """A toxicity filter to share (the engine judges users' messages with the same one)."""
+
+
+def _toxicity(options: FilterOptions) -> ToxicityFilter | None:
+    if not options.block_toxic:
+        return None
+    return options.toxicity or ToxicityFilter(options.toxicity_threshold, blocklist=options.blocklist,
+                                              allowlist=options.allowlist)
+
+
+OUTPUT_FILTERS: list[Callable[[FilterOptions], OutputFilter | None]] = [
+    _toxicity,
+    lambda options: PersonalDataFilter() if options.redact_personal_data else None,
+    lambda options: MentionFilter(),
+]
+"""The output filters, in the order they run, each as a factory of `FilterOptions` (None: off).
+Adding a filter is its class (an `OutputFilter`) and one entry here: every face's replies go
+through `output_chain`, so the engine, the Discord bot and the LangChain models all get it."""
+
+
+def output_chain(**options: Any) -> FilterChain:
+    """The output filters `OUTPUT_FILTERS` makes for ``options`` (the fields of `FilterOptions`)."""
+    made = FilterOptions(**options)
+    return FilterChain([f for make in OUTPUT_FILTERS if (f := make(made)) is not None])
 
 
 SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*\s+")

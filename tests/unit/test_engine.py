@@ -623,3 +623,34 @@ async def test_a_person_cannot_speak_under_the_bots_name(engine, name):
     assert await engine.count("cli:t") == 0
     assert (await engine.respond("cli:t", "Bob", "hello")).text
     assert await engine.remember("cli:t", "Bot", "an old reply of mine", role="bot")  # the bot's own turn
+
+
+async def test_a_new_output_filter_is_one_registration_and_reaches_every_face(gen, tiny_prompts, monkeypatch):
+    """One entry in `safety.OUTPUT_FILTERS`: the engine's replies and streams, and both LangChain
+    models, all go through it."""
+    from adapters.langchain_gpt2 import GPT2LLM, ChatGPT2
+    from chatbot import safety
+    from chatbot.safety import Verdict
+
+    class NoPickles:
+        name = "pickles"
+
+        def check(self, text, context):
+            return Verdict("pickle" not in text, text, ("pickles: no pickles",) if "pickle" in text else ())
+
+    monkeypatch.setattr(safety, "OUTPUT_FILTERS", [*safety.OUTPUT_FILTERS, lambda options: NoPickles()])
+    script_model(gen, monkeypatch, " i love pickles.\n")
+    engine = make_engine(gen, InMemoryStore(), tiny_prompts, unsafe_retries=1)
+    try:
+        reply = await engine.respond("cli:p", "ada", "what do you like?")
+        assert reply.finish_reason == "unsafe" and "pickles: no pickles" in reply.safety
+        assert await engine.stream("cli:q", "ada", "what do you like?").text() == engine.settings.unsafe_fallback_reply
+    finally:
+        await engine.close()
+    from langchain_core.messages import HumanMessage
+
+    llm = GPT2LLM(generator=gen, preset="greedy", max_new_tokens=8, unsafe_retries=1)
+    chat = ChatGPT2(generator=gen, preset="greedy", max_new_tokens=8, unsafe_retries=1)
+    assert llm.invoke("ada: hi\nBot:") == llm.unsafe_fallback
+    assert "".join(llm.stream("ada: hi\nBot:")) == llm.unsafe_fallback
+    assert chat.invoke([HumanMessage("hi")]).content == chat.unsafe_fallback

@@ -289,3 +289,40 @@ def test_a_seeded_chat_model_answers_the_same_messages_alike_and_other_messages_
     assert chat.invoke([HumanMessage("hey! how's it going?")]).content == first
     chat.invoke([HumanMessage("what's the best pizza topping?")])
     assert seeds[0] == seeds[1] != seeds[2]
+
+
+def script_in_turn(gen, monkeypatch, texts):
+    """The real model made to say ``texts[0]`` at its first call, ``texts[1]`` at its second, and so on."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    real = gen.model.generate
+    calls = []
+
+    class Script(LogitsProcessor):
+        def __init__(self, ids):
+            self.ids, self.start = ids, None
+
+        def __call__(self, input_ids, scores):
+            self.start = input_ids.shape[1] if self.start is None else self.start
+            forced = torch.full_like(scores, float("-inf"))
+            forced[:, self.ids[min(input_ids.shape[1] - self.start, len(self.ids) - 1)]] = 0.0
+            return forced
+
+    def generate(*args, **kwargs):
+        text = texts[min(len(calls), len(texts) - 1)]
+        calls.append(text)
+        ids = gen.tokenizer(text, add_special_tokens=False)["input_ids"]
+        kwargs["logits_processor"] = LogitsProcessorList([*kwargs.get("logits_processor", []), Script(ids)])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen.model, "generate", generate)
+    return calls
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_an_unsafe_first_reply_is_generated_again_when_streaming_too(gen, monkeypatch, streaming):
+    calls = script_in_turn(gen, monkeypatch, [" you are a stupid idiot.\n", " hello there.\n"])
+    llm = GPT2LLM(generator=gen, preset="greedy", max_new_tokens=12, unsafe_retries=1)
+    out = "".join(llm.stream(PROMPTS[0])) if streaming else llm.invoke(PROMPTS[0])
+    assert out == "hello there." and len(calls) == 2
