@@ -42,11 +42,12 @@ from discord import app_commands
 from discord.ext import commands
 
 from chatbot.config import Settings
-from chatbot.engine import ChatEngine, EngineBusy, GenerationFailed
+from chatbot.engine import ChatEngine
+from chatbot.errors import EngineBusy, GenerationFailed, InputRejected
 from chatbot.errors import ChatbotError
 from chatbot.decoding import PRESETS
 from chatbot.memory import export_json
-from chatbot.safety import InputRejected, skeleton
+from chatbot.safety import skeleton
 
 from .discord_text import split_message
 

@@ -11,7 +11,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal, Sequence
 
-from .errors import ChatbotError
+from .errors import ChatbotError, InvalidConversationId
 
 Role = Literal["user", "bot"]
 ROLES = ("user", "bot")
@@ -22,10 +22,6 @@ MAX_AUTHOR_CHARS = 100
 # characters, spaces, quotes, slashes) is refused rather than silently rewritten, so two
 # different inputs can never end up in the same conversation.
 _CONVERSATION_ID = re.compile(r"[a-z][a-z0-9_-]*:[A-Za-z0-9_.:@#+=-]+")
-
-
-class InvalidConversationId(ChatbotError):
-    """A conversation id that is not a ``scope:key`` string."""
 
 
 def check_conversation_id(conversation_id: object) -> str:

@@ -26,16 +26,14 @@ from typing import Any, TypeVar
 
 from .config import Settings
 from .conversation import Turn, Window, check_author, check_conversation_id, plan_prompt
-from .errors import ChatbotError
+from .errors import ChatbotError, EngineBusy, GenerationFailed, InputRejected
 from .decoding import DecodingSettings, compose, get_preset, seeded_for
 from .generation import GenerationRequest, Generator, prompt_budget
 from .memory import MemoryStore, check_author_key, open_store
 from .prompting import Persona, clean_speaker, get_persona, list_personas
 from .reply_policy import Outcome, RepeatCheck, ReplyPolicy
-from .scheduler import GeneratorBusy
 from .safety import (
     FilterContext,
-    InputRejected,
     ToxicityFilter,
     break_special_tokens,
     neutralise_speaker_tags,
@@ -44,7 +42,7 @@ from .safety import (
     skeleton,
 )
 
-__all__ = ["ChatEngine", "Reply", "ReplyStream", "EngineBusy", "GenerationFailed", "InputRejected", "iterate_in_thread"]
+__all__ = ["ChatEngine", "Reply", "ReplyStream", "iterate_in_thread"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,14 +51,6 @@ EXAMPLE_USER = "User"
 """Speaker name of the user side of persona examples. Fixed, not the current author's name,
 so the pinned part of the prompt is the same for everyone in a conversation."""
 EXPIRY_INTERVAL = 3600.0
-
-
-class EngineBusy(ChatbotError):
-    """Too many messages are already waiting in this conversation."""
-
-
-class GenerationFailed(ChatbotError):
-    """The model raised while replying; the user's turn is stored and the engine is still usable."""
 
 
 @dataclass(frozen=True)
@@ -435,9 +425,7 @@ class ChatEngine:
                 # unlocked while its model call still runs.
                 async for piece in iterate_in_thread(gated.pieces, self._executor, on_stop=gated.stop):
                     yield piece
-            except GeneratorBusy as err:
-                raise EngineBusy(str(err)) from None
-            except ChatbotError:
+            except ChatbotError:  # a full model queue (`GeneratorBusy`, an `EngineBusy`) among them
                 raise
             except Exception as err:
                 raise self._failed(conversation_id, err) from err
@@ -484,8 +472,6 @@ class ChatEngine:
         repeat = RepeatCheck(plan.recent_replies, plan.settings)
         try:
             return (await self._in_worker(self.policy.whole, self.generator, [plan.request], [context], [repeat]))[0]
-        except GeneratorBusy as err:
-            raise EngineBusy(str(err)) from None
         except asyncio.CancelledError:
             # Whoever waited has gone (a time limit, a shutdown): free the model for the next reply.
             if plan.request.cancel is not None:

@@ -1,4 +1,5 @@
-"""Errors a user can cause and fix; the command line prints them as one line."""
+"""Every error of the project, in one place. Each is a `ChatbotError`: a problem a user can cause
+and fix, whose message says what to do; the command line prints it as one line."""
 
 import tomllib
 from pathlib import Path
@@ -17,6 +18,26 @@ class ModelNotFoundError(ChatbotError):
 
 class CorpusError(ChatbotError):
     """Dialogue data that cannot be read; the message names the file and line."""
+
+
+class InvalidConversationId(ChatbotError):
+    """A conversation id that is not a ``scope:key`` string."""
+
+
+class InputRejected(ChatbotError):
+    """A message the engine will not take; the text says why, in words fit for the user."""
+
+
+class EngineBusy(ChatbotError):
+    """Too much is waiting to take this message now; try again in a moment."""
+
+
+class GeneratorBusy(EngineBusy):
+    """The generator's queue is full (a kind of `EngineBusy`, so a face handles one case)."""
+
+
+class GenerationFailed(ChatbotError):
+    """The model raised while replying; the user's turn is stored and the engine is still usable."""
 
 
 def settings_error_message(err: ValidationError) -> str:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .errors import ChatbotError
+from .errors import ChatbotError, InputRejected
 
 __all__ = [
     "FilterChain",
@@ -35,10 +35,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class InputRejected(ChatbotError):
-    """A message the engine will not take; the text says why, in words fit for the user."""
 
 
 # --------------------------------------------------------------------------- normalisation

@@ -47,7 +47,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import ChatbotError
+from .errors import ChatbotError, GeneratorBusy
 from .generation import (
     EMPTY_RETRIES,
     GenerationRequest,
@@ -58,13 +58,9 @@ from .generation import (
     prompt_budget,
 )
 
-__all__ = ["BatchingGenerator", "GeneratorBusy", "PrefixCache"]
+__all__ = ["BatchingGenerator", "PrefixCache"]
 
 log = logging.getLogger(__name__)
-
-
-class GeneratorBusy(ChatbotError):
-    """The generator's queue is full; try again in a moment."""
 
 
 class PrefixCache:

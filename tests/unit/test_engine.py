@@ -6,9 +6,8 @@ import time
 import pytest
 
 from chatbot.config import Settings
-from chatbot.conversation import InvalidConversationId
-from chatbot.engine import ChatEngine, EngineBusy, GenerationFailed, InputRejected
-from chatbot.errors import ChatbotError
+from chatbot.engine import ChatEngine
+from chatbot.errors import ChatbotError, EngineBusy, GenerationFailed, InputRejected, InvalidConversationId
 from chatbot.generation import GenerationResult
 from chatbot.memory import InMemoryStore, SQLiteMemoryStore
 

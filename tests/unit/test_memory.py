@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from chatbot.conversation import InvalidConversationId, check_conversation_id
+from chatbot.conversation import check_conversation_id
+from chatbot.errors import InvalidConversationId
 from chatbot.errors import ChatbotError
 from chatbot.memory import MAX_TURN_CHARS, InMemoryStore, SQLiteMemoryStore, export_json
 

@@ -11,7 +11,8 @@ import torch
 
 from chatbot.decoding import DecodingSettings
 from chatbot.generation import GenerationRequest
-from chatbot.scheduler import BatchingGenerator, GeneratorBusy, PrefixCache
+from chatbot.errors import GeneratorBusy
+from chatbot.scheduler import BatchingGenerator, PrefixCache
 
 GREEDY = DecodingSettings(temperature=0, max_new_tokens=12, max_time=60)
 STOPS = ("\nada:", "\nBot:")
@@ -227,7 +228,8 @@ def test_bench_options_are_checked():
 async def test_a_full_generator_queue_reaches_the_caller_as_engine_busy(roomy_gen, tiny_prompts, monkeypatch,
                                                                         streaming):
     from chatbot.config import Settings
-    from chatbot.engine import ChatEngine, EngineBusy
+    from chatbot.engine import ChatEngine
+    from chatbot.errors import EngineBusy
     from chatbot.memory import InMemoryStore
 
     sched = BatchingGenerator(roomy_gen, max_batch=1, max_queue=1)
