@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     se = sub.add_parser("safety-eval", parents=[common], help="precision, recall and false positives of the output filter",
                         description="Run the output toxicity filter over labelled sentences (JSONL lines with "
                                     "\"text\", \"label\": toxic|benign, \"kind\") and print how much it blocks.")
-    se.add_argument("data", nargs="*", help="labelled sets (default: the two in tests/data)")
+    se.add_argument("data", nargs="*", help="labelled sets (default: the two that ship in chatbot/data)")
     se.add_argument("--config", default=None, help="settings file whose toxicity settings to use")
     se.add_argument("--threshold", type=float, default=None, help="classifier threshold (default: the settings')")
     se.add_argument("--show-misses", action="store_true", help="list the sentences it got wrong")
@@ -689,12 +689,11 @@ def cmd_safety_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .config import Settings
-    from .safety import ToxicityFilter, evaluate_filter, load_labelled
+    from .safety import LABELLED_SETS, ToxicityFilter, evaluate_filter, load_labelled
 
     settings = Settings.load(args.config, toxicity_threshold=args.threshold)
     check = ToxicityFilter(settings.toxicity_threshold, blocklist=settings.blocklist, allowlist=settings.allowlist)
-    data_dir = Path(__file__).resolve().parents[1] / "tests" / "data"
-    paths = [Path(p) for p in args.data] or [data_dir / "safety_eval.jsonl", data_dir / "safety_holdout.jsonl"]
+    paths = [Path(p) for p in args.data] or list(LABELLED_SETS)
     print(f"toxicity filter: classifier threshold {settings.toxicity_threshold}, word and phrase lists")
     for path in paths:
         if not path.is_file():

@@ -187,7 +187,14 @@ def format_name_for_model(model_name: str, config: object | None = None) -> str:
 
 # --------------------------------------------------------------------------- personas
 
-PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
+def _prompts_dir() -> Path:
+    # A wheel installs the repository's prompts/ folder as chatbot/prompts (package data);
+    # a checkout (and an editable install) reads it where it is.
+    installed = Path(__file__).resolve().parent / "prompts"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[1] / "prompts"
+
+
+PROMPTS_DIR = _prompts_dir()
 """Where persona files live: one TOML file per persona, data not code."""
 
 

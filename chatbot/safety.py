@@ -14,6 +14,7 @@ import re
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import ChatbotError, InputRejected
@@ -476,6 +477,12 @@ class FilterReport:
     def precision(self) -> float:
         tp, fp = self._sum("toxic")[0], self._sum("benign")[0]
         return tp / (tp + fp) if tp + fp else 0.0
+
+
+LABELLED_SETS = (Path(__file__).resolve().parent / "data" / "safety_eval.jsonl",
+                 Path(__file__).resolve().parent / "data" / "safety_holdout.jsonl")
+"""The labelled sets `bot.py safety-eval` scores by default; they install with the package. The first
+was in view while the word lists were written; the second was written apart and never tuned on."""
 
 
 def load_labelled(path: Any) -> list[dict[str, str]]:

@@ -50,3 +50,40 @@ def test_the_readme_set_up_and_ci_install_the_tested_versions():
     test_command = next(line for line in set_up if "[test]" in line)
     assert test_command in ci.replace("pip install -q ", "pip install "), "CI must run the README's set-up"
     assert "python -m pytest -q" in ci
+
+
+def test_a_plain_install_without_e_has_the_personas_model_and_safety_sets(tmp_path):
+    """Builds the wheel from the tracked files (setuptools in process, no network) and imports the
+    installed package from it, not from this checkout."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    from setuptools import build_meta
+
+    src = tmp_path / "src"
+    tracked = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                             capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, tracked):
+        if (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    here = os.getcwd()
+    os.chdir(src)
+    try:
+        wheel = src / "dist" / build_meta.build_wheel(str(src / "dist"))
+    finally:
+        os.chdir(here)
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)  # what pip install --no-deps puts in site-packages
+    check = ("from chatbot.prompting import PROMPTS_DIR, list_personas; from chatbot.safety import LABELLED_SETS; "
+             "from chatbot.generation import DEFAULT_MODEL; import chatbot; "
+             "print(chatbot.__file__); print(sorted(list_personas())); "
+             "print(all(p.is_file() for p in LABELLED_SETS)); print((DEFAULT_MODEL / 'model.safetensors').is_file())")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         check=True).stdout.splitlines()
+    assert out[0].startswith(str(site)), out
+    assert out[1:] == ["['concise', 'formal', 'friendly', 'playful']", "True", "True"]

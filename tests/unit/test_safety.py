@@ -22,7 +22,7 @@ from chatbot.safety import (
     sanitize_input,
 )
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = Path(__file__).resolve().parents[2] / "chatbot" / "data"
 
 
 def test_input_is_normalised_and_invisible_characters_go():
