@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .errors import ChatbotError
 
@@ -49,7 +49,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in GENERATION_FIELDS if getattr(args, name, None) is not None}
 
 
-def _settings(args: argparse.Namespace, **extra: Any) -> Any:
+def settings_from_args(args: argparse.Namespace, **extra: Any) -> Any:
     """The settings file (``--config``, else ``chatbot.toml`` here), the environment, then the
     command line's options on top: every command that runs a model reads them the same way."""
     from .config import Settings
@@ -69,16 +69,29 @@ def _decoding(args: argparse.Namespace, settings: Any, default_preset: str = "ba
     return compose(args.preset or settings.preset or default_preset, settings.decoding)
 
 
-def _config_option(p: argparse.ArgumentParser, what: str = "settings file (TOML)") -> None:
+def config_option(p: argparse.ArgumentParser, what: str = "settings file (TOML)") -> None:
     p.add_argument("--config", default=None, help=f"{what}; default: chatbot.toml in this folder if there is one")
 
 
-def _model_option(p: argparse.ArgumentParser) -> None:
+def model_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="model directory, or a hub name already in the local cache (default: the shipped model)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, or auto (default)")
     p.add_argument("--allow-download", action="store_true",
                    help="fetch a hub model that is not in the local cache (needs network; off by default)")
+
+
+@dataclass(frozen=True)
+class FaceCommand:
+    """A command that a face adds to ``bot.py`` (the Discord bot's ``discord``), registered by
+    ``bot.py``: the core's command line knows no face. ``add(subparsers, common)`` adds the
+    command's parser (``common`` is the parent parser with ``-v``); ``run(args)`` runs it and
+    returns the exit status. `config_option`, `model_option` and `settings_from_args` give it the
+    options and the settings every command reads the same way."""
+
+    name: str
+    add: Callable[[Any, argparse.ArgumentParser], argparse.ArgumentParser]
+    run: Callable[[argparse.Namespace], int]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,7 +108,7 @@ class _Parser(argparse.ArgumentParser):
         return parsed
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(faces: Sequence[FaceCommand] = ()) -> argparse.ArgumentParser:
     parser = _Parser(prog="bot.py", description="GPT-2 chatbot: chat in the terminal, train and evaluate models, measure repetition and safety.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="log what happens (to stderr)")
@@ -142,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", parents=[common], help="validation perplexity and sample replies",
                        description="Score a model on the validation split it was trained with (rebuilt from its "
                                    "training_info.json) and print replies to a few fixed prompts.")
-    _config_option(e, "settings file (TOML) for the model, device and decoding")
-    _model_option(e)
+    config_option(e, "settings file (TOML) for the model, device and decoding")
+    model_option(e)
     e.add_argument("--data", default=None, help="score on this corpus instead of the one recorded in the model")
     e.add_argument("--samples", type=int, default=5, help="how many fixed prompts to answer (default %(default)s)")
     _add_decoding_options(e, preset_help="decoding preset (default balanced, with seed 0)")
@@ -152,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print the bot's reply to PROMPT, a one-off message through the same engine as "
                                    "the chat (persona, repetition controls, safety filters; nothing is stored), or "
                                    "with --raw the model's plain continuation of PROMPT.")
-    _config_option(g, "settings file (TOML) for the model, persona, decoding and safety")
-    _model_option(g)
+    config_option(g, "settings file (TOML) for the model, persona, decoding and safety")
+    model_option(g)
     g.add_argument("prompt", help="the message to answer (or, with --raw, the text to continue)")
     g.add_argument("--raw", action="store_true",
                    help="continue the text as it is; by default PROMPT is a chat message and the reply is printed")
@@ -164,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="A conversation with the engine: what is said is stored (SQLite, see --memory) and "
                                    "the bot remembers it the next time. Reads lines from stdin when piped and prints "
                                    "one line per line read. Inside the chat, /help lists the commands.")
-    _config_option(c)
-    _model_option(c)
+    config_option(c)
+    model_option(c)
     c.add_argument("--memory", default=None, help="SQLite file for conversations, ':memory:' to forget on exit "
                                                   "(default: the settings' memory_path, chatbot.sqlite3)")
     c.add_argument("--conversation", default="cli:local",
@@ -176,19 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--reset", action="store_true", help="forget this conversation before starting")
     _add_decoding_options(c, preset_help="decoding preset for this conversation, kept for later runs "
                                          "(default: the persona's)")
-
-    d = sub.add_parser("discord", parents=[common], help="run the Discord bot (needs DISCORD_TOKEN)",
-                       description="Log in to Discord with the token in DISCORD_TOKEN (or discord_token in the "
-                                   "settings file) and answer mentions, replies, DMs and the configured channels "
-                                   "until Ctrl-C or SIGTERM. Memory is the same SQLite file the terminal chat uses.")
-    _config_option(d)
-    _model_option(d)
-    d.add_argument("--memory", default=None, help="SQLite file for conversations (default: the settings' memory_path)")
-    d.add_argument("--persona", default=None, help="persona for channels that have not chosen one (default: the settings')")
-    d.add_argument("--channel", type=int, action="append", default=None, metavar="ID",
-                   help="answer every message in this channel, without a mention (repeatable)")
-    d.add_argument("--sharded", action="store_true", help="run as an AutoShardedBot (very many servers)")
-    d.add_argument("--no-sync", action="store_true", help="do not register the slash commands at start-up")
 
     b = sub.add_parser("bench", parents=[common], help="measure batched serving against one generate call per message",
                        description="Run the same conversations through (a) one model.generate call per message, one "
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "repeated-turn rate, looping replies, distinct-1/2 and mean reply length with the "
                                     "repetition controls on and off.")
     sc.add_argument("--config", default=None, help="settings file (TOML)")
-    _model_option(sc)
+    model_option(sc)
     sc.add_argument("--persona", default=None, help="persona under test (default: the settings')")
     sc.add_argument("--preset", default=None, help="decoding preset of the 'on' arm (default: the persona's)")
     sc.add_argument("--conversations", type=int, default=8, help="conversations per arm (default %(default)s)")
@@ -242,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="an earlier run's results.json (or its folder): show what changed, cell by cell")
     lab.add_argument("--seed", type=int, default=None, help="replace the scenario's seed")
     lab.add_argument("--samples", type=int, default=None, help="replace the scenario's samples per cell")
-    _config_option(lab, "settings file (TOML) for safety, repetition and decoding")
-    _model_option(lab)
+    config_option(lab, "settings file (TOML) for safety, repetition and decoding")
+    model_option(lab)
 
     se = sub.add_parser("safety-eval", parents=[common], help="precision, recall and false positives of the output filter",
                         description="Run the output toxicity filter over labelled sentences (JSONL lines with "
@@ -252,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--config", default=None, help="settings file whose toxicity settings to use")
     se.add_argument("--threshold", type=float, default=None, help="classifier threshold (default: the settings')")
     se.add_argument("--show-misses", action="store_true", help="list the sentences it got wrong")
+    for face in faces:
+        face.add(sub, common)
     return parser
 
 
@@ -283,7 +285,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .training import evaluate
 
-    config = _settings(args)
+    config = settings_from_args(args)
     settings = _decoding(args, config)
     if settings.seed is None:
         # Fixed prompts with a fixed seed, so two models (or two runs) compare like for like.
@@ -308,7 +310,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.raw:
         if args.persona is not None:
             raise ChatbotError("--persona answers a message; --raw continues a text without one")
-        config = _settings(args)
+        config = settings_from_args(args)
         gen = LocalGenerator.from_pretrained(config.model, device=config.device, allow_download=config.allow_download)
         request = GenerationRequest(args.prompt, _decoding(args, config))
         print(gen.generate([request])[0].text)
@@ -316,7 +318,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .engine import ChatEngine
 
     # One message to the engine, on a memory of its own that ends with this command.
-    config = _settings(args, memory_path=":memory:", persona=args.persona, preset=args.preset)
+    config = settings_from_args(args, memory_path=":memory:", persona=args.persona, preset=args.preset)
 
     async def answer() -> str:
         engine = ChatEngine.from_settings(config)
@@ -330,35 +332,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_from_args(args)
     return run_chat(settings, conversation_id=args.conversation, name=args.name, persona=args.persona,
                     preset=args.preset, reset=args.reset)
-
-
-DISCORD_MAX_BATCH = 8
-"""`max_batch` of the Discord bot when the settings do not give one."""
-
-
-def cmd_discord(args: argparse.Namespace) -> int:
-    import asyncio
-
-    settings = _settings(
-        args, persona=args.persona, discord_channels=tuple(args.channel) if args.channel else None,
-        discord_sharded=True if args.sharded else None, discord_sync_commands=False if args.no_sync else None,
-    )
-    if settings.discord_token is None:
-        raise ChatbotError("no Discord token: set DISCORD_TOKEN in the environment or discord_token in the "
-                           "settings file (the README's Discord section shows how to get one)")
-    if "max_batch" not in settings.model_fields_set:
-        # A server's channels ask at once: decode their replies together unless told otherwise.
-        settings = settings.model_copy(update={"max_batch": DISCORD_MAX_BATCH})
-    if not args.verbose:
-        logging.getLogger("discord").setLevel(logging.INFO)  # connection and shard events are worth seeing
-        logging.getLogger("adapters.discord_bot").setLevel(logging.INFO)
-    from adapters.discord_bot import run_discord
-
-    asyncio.run(run_discord(settings))
-    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -711,13 +687,15 @@ def cmd_safety_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "chat": cmd_chat, "discord": cmd_discord, "bench": cmd_bench, "safety-eval": cmd_safety_eval,
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "safety-eval": cmd_safety_eval,
             "selfchat": cmd_selfchat, "lab": cmd_lab}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, faces: Sequence[FaceCommand] = ()) -> int:
+    """``bot.py``'s commands, and those of ``faces``."""
+    parser = build_parser(faces)
     args = parser.parse_args(argv)
+    commands = {**COMMANDS, **{face.name: face.run for face in faces}}
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
@@ -728,7 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     try:
-        return COMMANDS[args.command](args)
+        return commands[args.command](args)
     except ChatbotError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from chatbot.cli import build_parser, main
+from bot import FACES, main
+from chatbot.cli import build_parser
 
 BOT = Path(__file__).resolve().parents[2] / "bot.py"
 
@@ -183,7 +184,7 @@ def test_chat_settings_file_typo_names_the_file(capsys, monkeypatch, tiny_dir, c
 
 
 def test_help_explains_every_training_option():
-    parser = build_parser()
+    parser = build_parser(FACES)
     train = parser._subparsers._group_actions[0].choices["train"]
     for action in train._actions:
         if action.dest != "help":
