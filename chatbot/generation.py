@@ -326,12 +326,10 @@ class LocalGenerator:
             for i in pending:
                 groups.setdefault((requests[i].settings, requests[i].stop_strings), []).append(i)
             for (settings, stops), idx in groups.items():
-                if attempt and settings.seed is not None:
-                    settings = settings.model_copy(update={"seed": settings.seed + attempt})
-                batch = self._generate_batch([requests[i] for i in idx], settings, stops)
+                batch = self._generate_batch([requests[i] for i in idx], settings_for_try(settings, attempt), stops)
                 for i, res in zip(idx, batch):
                     results[i] = res
-            pending = [i for i in pending if not results[i].text and not requests[i].settings.greedy]
+            pending = [i for i in pending if sample_again(results[i].text, requests[i].settings, attempt)]
             if not pending:
                 break
         return [r for r in results if r is not None]
@@ -526,9 +524,8 @@ class LocalGenerator:
                 reason = "time"
             else:
                 reason = "length"
-                if request.trim_to_sentence:
-                    text = _trim_to_sentence(text)
-            results.append(GenerationResult(text.strip(), int(mask.sum()), n_new, reason, seconds))
+            results.append(GenerationResult(final_text(text, reason, request), int(mask.sum()), n_new, reason,
+                                            seconds))
         return results
 
 
@@ -634,6 +631,28 @@ def _count_until_eos(ids: list[int], eos: int | None) -> int:
 
 
 _SENTENCE_END = re.compile(r"[.!?…](?=\s|$)")
+
+
+def final_text(text: str, reason: str, request: GenerationRequest) -> str:
+    """The text a generator returns for a reply that ended for ``reason``: stripped, and, when the
+    token limit cut it and ``request.trim_to_sentence`` asks, ended at its last full sentence."""
+    if reason == "length" and request.trim_to_sentence:
+        text = _trim_to_sentence(text)
+    return text.strip()
+
+
+def sample_again(text: str, settings: DecodingSettings, tries: int) -> bool:
+    """Whether a reply whose text came out empty (the model closed its turn at once) after
+    ``tries`` earlier tries is sampled again: only when sampled (greedy would say the same again),
+    at most `EMPTY_RETRIES` times."""
+    return not text.strip() and not settings.greedy and tries < EMPTY_RETRIES
+
+
+def settings_for_try(settings: DecodingSettings, tries: int) -> DecodingSettings:
+    """``settings`` for the try after ``tries`` earlier ones: another seed when there is one."""
+    if tries == 0 or settings.seed is None:
+        return settings
+    return settings.model_copy(update={"seed": settings.seed + tries})
 
 
 def _trim_to_sentence(text: str) -> str:

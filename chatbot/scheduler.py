@@ -49,13 +49,14 @@ from typing import Any
 
 from .errors import ChatbotError, GeneratorBusy
 from .generation import (
-    EMPTY_RETRIES,
     GenerationRequest,
     GenerationResult,
     LocalGenerator,
     ReplyText,
-    _trim_to_sentence,
+    final_text,
     prompt_budget,
+    sample_again,
+    settings_for_try,
 )
 
 __all__ = ["BatchingGenerator", "PrefixCache"]
@@ -744,16 +745,14 @@ class BatchingGenerator:
     def _finish(self, seq: _Sequence) -> None:
         if seq.delivered:
             return
-        if seq.done == "stop" and not seq.text.strip() and seq.warpers is not None and seq.attempt < EMPTY_RETRIES:
+        # Only a reply that ended by itself: a cancelled, late or failed one is not tried again.
+        if seq.done == "stop" and sample_again(seq.text, seq.request.settings, seq.attempt):
             self._sample_again(seq)
             return
         seq.delivered = True
         reason = seq.done or "stop"
-        text = seq.text
-        if reason == "length" and seq.request.trim_to_sentence:
-            text = _trim_to_sentence(text)
         n_new = len(seq.generated)
-        result = GenerationResult(text.strip(), seq.prompt_len, n_new,
+        result = GenerationResult(final_text(seq.text, reason, seq.request), seq.prompt_len, n_new,
                                   "stop" if reason == "cancelled" else reason,  # type: ignore[arg-type]
                                   time.perf_counter() - seq.started, tuple(seq.generated))
         if seq.future is not None and not seq.future.done():
@@ -764,10 +763,7 @@ class BatchingGenerator:
     def _sample_again(self, seq: _Sequence) -> None:
         """A sampled reply that came out empty is sampled again with another seed, as
         `LocalGenerator.generate` does; its caller sees only the new try."""
-        seed = seq.request.settings.seed
-        request = seq.request
-        if seed is not None:
-            request = replace(request, settings=request.settings.model_copy(update={"seed": seed + seq.attempt + 1}))
+        request = replace(seq.request, settings=settings_for_try(seq.request.settings, seq.attempt + 1))
         again = self._new_sequence(request, seq.ids[: seq.prompt_len])
         again.request = seq.request  # the caller's cancel event and settings stay the ones it holds
         again.future, again.pieces, again.attempt = seq.future, seq.pieces, seq.attempt + 1
