@@ -38,7 +38,8 @@ class Settings(BaseModel):
     allow_download: bool = False
     """Fetch a hub model that is not cached (needs network)."""
     memory_path: str = "chatbot.sqlite3"
-    """SQLite file that holds every conversation; ``:memory:`` keeps them in this process only."""
+    """SQLite file that holds every conversation (its folder must exist); ``:memory:`` keeps them in
+    this process only; a ``scheme://`` URL names another registered store (`memory.STORES`)."""
     persona: str = "friendly"
     """Persona used by conversations that have not chosen one (a file name in ``prompts_dir``)."""
     prompts_dir: Path = PROMPTS_DIR

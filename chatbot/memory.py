@@ -14,12 +14,13 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from .conversation import ROLES, Role, Turn, check_author, check_conversation_id
 from .errors import ChatbotError
 
-__all__ = ["MemoryStore", "SQLiteMemoryStore", "InMemoryStore", "open_store", "export_json", "check_author_key",
+__all__ = ["MemoryStore", "StoreBase", "SQLiteMemoryStore", "InMemoryStore", "STORES", "open_store", "export_json",
+           "check_author_key",
            "MAX_TURN_CHARS", "MAX_AUTHOR_KEY_CHARS"]
 
 MAX_TURN_CHARS = 20_000
@@ -161,7 +162,104 @@ def _export_author(author_key: str, turns: list[Turn]) -> dict[str, Any]:
     return {"author_key": author_key, "exported_at": time.time(), "conversations": conversations}
 
 
-class SQLiteMemoryStore:
+class StoreBase:
+    """The `MemoryStore` contract over a backend's primitives: every argument is checked here,
+    once, and the backend only stores and finds. A new backend subclasses this, writes the
+    primitives below (plain functions over its storage, given valid arguments) and registers
+    itself in `STORES`.
+
+    `_call` runs a primitive; this base runs it in place, a backend that blocks (a file, a
+    server) runs it on a worker thread.
+    """
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
+    # -- the primitives a backend writes ---------------------------------------------
+    def _append(self, conversation_id: str, author: str, role: str, text: str, author_key: str) -> Turn:
+        raise NotImplementedError
+
+    def _newest(self, conversation_id: str, limit: int) -> list[Turn]:
+        """The newest ``limit`` turns, oldest first; every turn when ``limit`` is -1."""
+        raise NotImplementedError
+
+    def _count(self, conversation_id: str) -> int:
+        raise NotImplementedError
+
+    def _reset(self, conversation_id: str) -> int:
+        raise NotImplementedError
+
+    def _forget_author(self, author_key: str) -> int:
+        """Delete the user turns under ``author_key``; how many."""
+        raise NotImplementedError
+
+    def _by_author(self, author_key: str) -> list[Turn]:
+        """The user turns under ``author_key``, in id order."""
+        raise NotImplementedError
+
+    def _expire(self, before: float) -> int:
+        """Delete the turns created before this time; how many."""
+        raise NotImplementedError
+
+    def _get_options(self, conversation_id: str) -> dict[str, str]:
+        raise NotImplementedError
+
+    def _set_option(self, conversation_id: str, key: str, value: str | None) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        return None
+
+    # -- the contract ----------------------------------------------------------------
+    async def append(self, conversation_id: str, author: str, role: Role, text: str, *,
+                     author_key: str | None = None) -> Turn:
+        _check_turn(conversation_id, author, role, text, author_key)
+        return await self._call(self._append, conversation_id, author, role, text, _key_of(author, author_key))
+
+    async def newest(self, conversation_id: str, limit: int) -> list[Turn]:
+        check_conversation_id(conversation_id)
+        _check_limit(limit)
+        return await self._call(self._newest, conversation_id, limit) if limit else []
+
+    async def count(self, conversation_id: str) -> int:
+        return await self._call(self._count, check_conversation_id(conversation_id))
+
+    async def reset(self, conversation_id: str) -> int:
+        return await self._call(self._reset, check_conversation_id(conversation_id))
+
+    async def forget_author(self, author_key: str) -> int:
+        return await self._call(self._forget_author, check_author_key(author_key))
+
+    async def export_author(self, author_key: str) -> dict[str, Any]:
+        return _export_author(author_key, await self._call(self._by_author, check_author_key(author_key)))
+
+    async def expire(self, older_than_seconds: float) -> int:
+        if not older_than_seconds > 0:
+            raise ChatbotError(f"`older_than_seconds` must be greater than 0, got {older_than_seconds!r}")
+        return await self._call(self._expire, time.time() - older_than_seconds)
+
+    async def get_options(self, conversation_id: str) -> dict[str, str]:
+        return await self._call(self._get_options, check_conversation_id(conversation_id))
+
+    async def set_option(self, conversation_id: str, key: str, value: str | None) -> None:
+        check_conversation_id(conversation_id)
+        _check_option(key, value)
+        await self._call(self._set_option, conversation_id, key, value)
+
+    async def export(self, conversation_id: str) -> dict[str, Any]:
+        check_conversation_id(conversation_id)
+
+        def both() -> tuple[list[Turn], dict[str, str]]:  # one call: the turns and options of one moment
+            return self._newest(conversation_id, -1), self._get_options(conversation_id)
+
+        turns, options = await self._call(both)
+        return _export(conversation_id, turns, options)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._close)
+
+
+class SQLiteMemoryStore(StoreBase):
     """The embedded default: one SQLite file in WAL mode, shared by every face."""
 
     def __init__(self, path: str | Path) -> None:
@@ -242,11 +340,6 @@ class SQLiteMemoryStore:
             )
         return Turn(conversation_id, author, role, text, now, int(cur.lastrowid), author_key)  # type: ignore[arg-type]
 
-    async def append(self, conversation_id: str, author: str, role: Role, text: str, *,
-                     author_key: str | None = None) -> Turn:
-        _check_turn(conversation_id, author, role, text, author_key)
-        return await self._call(self._append, conversation_id, author, role, text, _key_of(author, author_key))
-
     def _newest(self, conversation_id: str, limit: int) -> list[Turn]:
         rows = self._conn.execute(
             f"SELECT {_TURN_COLUMNS} FROM turns WHERE conversation_id = ? ORDER BY id DESC LIMIT ?",
@@ -254,30 +347,19 @@ class SQLiteMemoryStore:
         ).fetchall()
         return [self._row(r) for r in reversed(rows)]
 
-    async def newest(self, conversation_id: str, limit: int) -> list[Turn]:
-        check_conversation_id(conversation_id)
-        _check_limit(limit)
-        return await self._call(self._newest, conversation_id, limit)
-
     def _count(self, conversation_id: str) -> int:
         return int(self._conn.execute("SELECT COUNT(*) FROM turns WHERE conversation_id = ?",
                                       (conversation_id,)).fetchone()[0])
-
-    async def count(self, conversation_id: str) -> int:
-        check_conversation_id(conversation_id)
-        return await self._call(self._count, conversation_id)
 
     def _delete(self, where: str, arg: Any) -> int:
         with self._conn:
             return self._conn.execute(f"DELETE FROM turns WHERE {where}", (arg,)).rowcount
 
-    async def reset(self, conversation_id: str) -> int:
-        check_conversation_id(conversation_id)
-        return await self._call(self._delete, "conversation_id = ?", conversation_id)
+    def _reset(self, conversation_id: str) -> int:
+        return self._delete("conversation_id = ?", conversation_id)
 
-    async def forget_author(self, author_key: str) -> int:
-        check_author_key(author_key)
-        return await self._call(self._delete, "author_key = ? AND role = 'user'", author_key)
+    def _forget_author(self, author_key: str) -> int:
+        return self._delete("author_key = ? AND role = 'user'", author_key)
 
     def _by_author(self, author_key: str) -> list[Turn]:
         rows = self._conn.execute(
@@ -286,23 +368,13 @@ class SQLiteMemoryStore:
         ).fetchall()
         return [self._row(r) for r in rows]
 
-    async def export_author(self, author_key: str) -> dict[str, Any]:
-        check_author_key(author_key)
-        return _export_author(author_key, await self._call(self._by_author, author_key))
-
-    async def expire(self, older_than_seconds: float) -> int:
-        if not older_than_seconds > 0:
-            raise ChatbotError(f"`older_than_seconds` must be greater than 0, got {older_than_seconds!r}")
-        return await self._call(self._delete, "created_at < ?", time.time() - older_than_seconds)
+    def _expire(self, before: float) -> int:
+        return self._delete("created_at < ?", before)
 
     def _get_options(self, conversation_id: str) -> dict[str, str]:
         rows = self._conn.execute("SELECT key, value FROM options WHERE conversation_id = ? ORDER BY key",
                                   (conversation_id,)).fetchall()
         return dict(rows)
-
-    async def get_options(self, conversation_id: str) -> dict[str, str]:
-        check_conversation_id(conversation_id)
-        return await self._call(self._get_options, conversation_id)
 
     def _set_option(self, conversation_id: str, key: str, value: str | None) -> None:
         with self._conn:
@@ -312,31 +384,14 @@ class SQLiteMemoryStore:
                 self._conn.execute("INSERT OR REPLACE INTO options (conversation_id, key, value) VALUES (?, ?, ?)",
                                    (conversation_id, key, value))
 
-    async def set_option(self, conversation_id: str, key: str, value: str | None) -> None:
-        check_conversation_id(conversation_id)
-        _check_option(key, value)
-        await self._call(self._set_option, conversation_id, key, value)
-
-    async def export(self, conversation_id: str) -> dict[str, Any]:
-        check_conversation_id(conversation_id)
-
-        def _both() -> tuple[list[Turn], dict[str, str]]:
-            return self._newest(conversation_id, -1), self._get_options(conversation_id)
-
-        turns, options = await self._call(_both)
-        return _export(conversation_id, turns, options)
-
-    async def close(self) -> None:
-        def _close() -> None:
-            with self._lock:
-                if not self._closed:
-                    self._closed = True
-                    self._conn.close()
-
-        await asyncio.to_thread(_close)
+    def _close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._conn.close()
 
 
-class InMemoryStore:
+class InMemoryStore(StoreBase):
     """Same contract, kept in a dict: for tests and throwaway conversations."""
 
     def __init__(self) -> None:
@@ -344,72 +399,48 @@ class InMemoryStore:
         self._options: dict[str, dict[str, str]] = {}
         self._next_id = 1
 
-    async def append(self, conversation_id: str, author: str, role: Role, text: str, *,
-                     author_key: str | None = None) -> Turn:
-        _check_turn(conversation_id, author, role, text, author_key)
-        turn = Turn(conversation_id, author, role, text, time.time(), self._next_id, _key_of(author, author_key))
+    def _append(self, conversation_id: str, author: str, role: str, text: str, author_key: str) -> Turn:
+        turn = Turn(conversation_id, author, role, text, time.time(), self._next_id, author_key)  # type: ignore[arg-type]
         self._next_id += 1
         self._turns.setdefault(conversation_id, []).append(turn)
         return turn
 
-    async def newest(self, conversation_id: str, limit: int) -> list[Turn]:
-        check_conversation_id(conversation_id)
-        _check_limit(limit)
+    def _newest(self, conversation_id: str, limit: int) -> list[Turn]:
         turns = self._turns.get(conversation_id, [])
-        return list(turns[-limit:]) if limit else []
+        return list(turns if limit == -1 else turns[-limit:])
 
-    async def count(self, conversation_id: str) -> int:
-        check_conversation_id(conversation_id)
+    def _count(self, conversation_id: str) -> int:
         return len(self._turns.get(conversation_id, []))
 
-    async def reset(self, conversation_id: str) -> int:
-        check_conversation_id(conversation_id)
+    def _reset(self, conversation_id: str) -> int:
         return len(self._turns.pop(conversation_id, []))
 
-    async def forget_author(self, author_key: str) -> int:
-        check_author_key(author_key)
+    def _remove(self, drop: Any) -> int:
         removed = 0
         for cid, turns in self._turns.items():
-            kept = [t for t in turns if not (t.author_key == author_key and t.role == "user")]
+            kept = [t for t in turns if not drop(t)]
             removed += len(turns) - len(kept)
             self._turns[cid] = kept
         return removed
 
-    async def export_author(self, author_key: str) -> dict[str, Any]:
-        check_author_key(author_key)
+    def _forget_author(self, author_key: str) -> int:
+        return self._remove(lambda t: t.author_key == author_key and t.role == "user")
+
+    def _by_author(self, author_key: str) -> list[Turn]:
         turns = [t for ts in self._turns.values() for t in ts if t.author_key == author_key and t.role == "user"]
-        return _export_author(author_key, sorted(turns, key=lambda t: t.id))
+        return sorted(turns, key=lambda t: t.id)
 
-    async def expire(self, older_than_seconds: float) -> int:
-        if not older_than_seconds > 0:
-            raise ChatbotError(f"`older_than_seconds` must be greater than 0, got {older_than_seconds!r}")
-        cutoff = time.time() - older_than_seconds
-        removed = 0
-        for cid, turns in self._turns.items():
-            kept = [t for t in turns if t.created_at >= cutoff]
-            removed += len(turns) - len(kept)
-            self._turns[cid] = kept
-        return removed
+    def _expire(self, before: float) -> int:
+        return self._remove(lambda t: t.created_at < before)
 
-    async def get_options(self, conversation_id: str) -> dict[str, str]:
-        check_conversation_id(conversation_id)
+    def _get_options(self, conversation_id: str) -> dict[str, str]:
         return dict(sorted(self._options.get(conversation_id, {}).items()))
 
-    async def set_option(self, conversation_id: str, key: str, value: str | None) -> None:
-        check_conversation_id(conversation_id)
-        _check_option(key, value)
+    def _set_option(self, conversation_id: str, key: str, value: str | None) -> None:
         if value is None:
             self._options.get(conversation_id, {}).pop(key, None)
         else:
             self._options.setdefault(conversation_id, {})[key] = value
-
-    async def export(self, conversation_id: str) -> dict[str, Any]:
-        check_conversation_id(conversation_id)
-        return _export(conversation_id, list(self._turns.get(conversation_id, [])),
-                       await self.get_options(conversation_id))
-
-    async def close(self) -> None:
-        return None
 
 
 def export_json(data: dict[str, Any]) -> str:
@@ -417,8 +448,27 @@ def export_json(data: dict[str, Any]) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False)
 
 
-def open_store(path: str | Path) -> "SQLiteMemoryStore | InMemoryStore":
-    """The store a settings value names: ``:memory:`` for a throwaway one, else a SQLite file."""
-    if str(path) == ":memory:":
+STORES: dict[str, Callable[[str], StoreBase]] = {
+    "memory": lambda rest: InMemoryStore(),
+    "sqlite": SQLiteMemoryStore,
+}
+"""Memory backends by URL scheme, each made from the rest of the URL: a new backend is its
+`StoreBase` subclass and one entry here."""
+_URL = re.compile(r"([a-z][a-z0-9+.-]*)://(.*)", re.S)
+
+
+def open_store(location: str | Path) -> StoreBase:
+    """The store a settings value names: ``:memory:`` (or ``memory://``) for a throwaway one, a
+    ``scheme://...`` URL for a registered backend (`STORES`), else a SQLite file's path
+    (``sqlite:///path`` too)."""
+    text = str(location)
+    if text == ":memory:":
         return InMemoryStore()
-    return SQLiteMemoryStore(path)
+    match = _URL.fullmatch(text)
+    if match is None:
+        return SQLiteMemoryStore(text)
+    scheme, rest = match.groups()
+    if scheme not in STORES:
+        raise ChatbotError(f"memory {text!r}: no store for {scheme}:// here; known: "
+                           f"{', '.join(f'{name}://' for name in STORES)}, or a SQLite file's path")
+    return STORES[scheme](rest[1:] if scheme == "sqlite" and rest.startswith("/") else rest)

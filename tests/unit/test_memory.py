@@ -342,3 +342,34 @@ async def test_a_database_failure_in_use_is_an_error_naming_the_file_and_writes_
     store._conn.execute("PRAGMA query_only=OFF")
     assert [t.text for t in await store.newest("cli:local", 10)] == ["hello"]
     await store.close()
+
+
+def test_open_store_picks_the_backend_by_url(tmp_path, monkeypatch):
+    from chatbot.memory import STORES, StoreBase, open_store
+
+    assert isinstance(open_store(":memory:"), InMemoryStore) and isinstance(open_store("memory://"), InMemoryStore)
+    store = open_store(f"sqlite:///{tmp_path}/a.sqlite3")  # sqlite:////abs/path, as SQLAlchemy writes it
+    assert isinstance(store, SQLiteMemoryStore) and store.path == tmp_path / "a.sqlite3"
+    asyncio.run(store.close())
+    assert open_store(tmp_path / "b.sqlite3").path == tmp_path / "b.sqlite3"
+    with pytest.raises(ChatbotError, match=r"no store for postgresql:// here; known: memory://, sqlite://"):
+        open_store("postgresql://db.example/chat")
+
+    class Recording(InMemoryStore):
+        """A new backend: a subclass and one entry in STORES; the base checks every argument."""
+
+        def __init__(self, rest):
+            super().__init__()
+            self.rest, self.appended = rest, []
+
+        def _append(self, *args):
+            self.appended.append(args)
+            return super()._append(*args)
+
+    monkeypatch.setitem(STORES, "recording", Recording)
+    store = open_store("recording://somewhere")
+    assert isinstance(store, StoreBase) and store.rest == "somewhere"
+    with pytest.raises(InvalidConversationId):
+        asyncio.run(store.append("no id", "ada", "user", "hi"))
+    asyncio.run(store.append("cli:x", "ada", "user", "hi"))
+    assert store.appended == [("cli:x", "ada", "user", "hi", "ada")]
