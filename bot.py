@@ -1,9 +1,11 @@
-"""Command-line entry: `python bot.py --help`. The core's commands, plus each face's own."""
+"""Command-line entry: `python bot.py --help`. The command line's own commands (training,
+evaluation, the tools), plus each face's."""
 
+from adapters.cli import main as cli_main
 from adapters.discord_cli import COMMAND as DISCORD
-from chatbot.cli import main as cli_main
+from adapters.terminal import COMMAND as CHAT
 
-FACES = (DISCORD,)
+FACES = (CHAT, DISCORD)
 """Faces that add a command; a new face adds its `FaceCommand` here."""
 
 

@@ -7,7 +7,7 @@ import argparse
 import logging
 from typing import Any
 
-from chatbot.cli import FaceCommand, config_option, model_option, settings_from_args
+from adapters.cli import FaceCommand, config_option, model_option, settings_from_args
 from chatbot.errors import ChatbotError
 
 DISCORD_MAX_BATCH = 8

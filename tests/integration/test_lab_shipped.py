@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from chatbot.cli import main
+from adapters.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 

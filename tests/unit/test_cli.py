@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from bot import FACES, main
-from chatbot.cli import build_parser
+from adapters.cli import build_parser
 
 BOT = Path(__file__).resolve().parents[2] / "bot.py"
 
@@ -290,12 +290,12 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(monkeypatch, tiny_dir,
 
 
 def test_a_broken_pipe_that_is_not_stdout_is_not_hidden(monkeypatch):
-    import chatbot.cli as cli
+    import adapters.terminal as terminal
 
-    def fails(args):
+    def fails(*args, **kwargs):
         raise BrokenPipeError("a worker's pipe")
 
-    monkeypatch.setitem(cli.COMMANDS, "chat", fails)
+    monkeypatch.setattr(terminal, "run_chat", fails)
     with pytest.raises(BrokenPipeError, match="a worker's pipe"):
         main(["chat"])
 

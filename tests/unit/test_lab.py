@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from chatbot.cli import main
+from adapters.cli import main
 from chatbot.config import Settings
 from chatbot.lab import prepare, turn_seed
 from chatbot.lab_report import VOLATILE

@@ -1,4 +1,6 @@
-"""`python bot.py ...`: the command line. The terminal front end is the only place that prints.
+"""`python bot.py ...`: the command line, a face of the library like the others. It holds the
+commands of the tools (train, evaluate, generate, bench, selfchat, lab, safety-eval) and takes
+each face's own command (`FaceCommand`: the terminal chat, the Discord bot) from ``bot.py``.
 
 Every user mistake (bad option value, missing file, model not available offline) ends
 as one line on stderr and exit status 2, never a traceback.
@@ -14,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from .errors import ChatbotError
+from chatbot.errors import ChatbotError
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +24,8 @@ log = logging.getLogger(__name__)
 
 
 
-def _add_decoding_options(p: argparse.ArgumentParser, *, preset_help: str) -> None:
-    from .decoding import PRESETS
+def decoding_options(p: argparse.ArgumentParser, *, preset_help: str) -> None:
+    from chatbot.decoding import PRESETS
 
     g = p.add_argument_group("decoding", "Each option overrides the one in the preset; unset ones come from it.")
     g.add_argument("--preset", default=None, choices=list(PRESETS), help=preset_help)
@@ -44,7 +46,7 @@ def _add_decoding_options(p: argparse.ArgumentParser, *, preset_help: str) -> No
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The decoding options given on the command line (the others stay as the preset has them)."""
-    from .decoding import GENERATION_FIELDS
+    from chatbot.decoding import GENERATION_FIELDS
 
     return {name: getattr(args, name) for name in GENERATION_FIELDS if getattr(args, name, None) is not None}
 
@@ -52,8 +54,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def settings_from_args(args: argparse.Namespace, **extra: Any) -> Any:
     """The settings file (``--config``, else ``chatbot.toml`` here), the environment, then the
     command line's options on top: every command that runs a model reads them the same way."""
-    from .config import Settings
-    from .decoding import make_overrides
+    from chatbot.config import Settings
+    from chatbot.decoding import make_overrides
 
     make_overrides(_overrides(args))  # a bad option is named as the option says it (`top_p`), not as a file key
     values = dict(model=args.model, device=args.device, allow_download=args.allow_download or None,
@@ -64,7 +66,7 @@ def settings_from_args(args: argparse.Namespace, **extra: Any) -> Any:
 def _decoding(args: argparse.Namespace, settings: Any, default_preset: str = "balanced") -> Any:
     """``--preset`` (else the settings' preset, else ``default_preset``) with the settings' decoding
     table, which holds the command line's decoding options too, on top."""
-    from .decoding import compose
+    from chatbot.decoding import compose
 
     return compose(args.preset or settings.preset or default_preset, settings.decoding)
 
@@ -159,7 +161,7 @@ def build_parser(faces: Sequence[FaceCommand] = ()) -> argparse.ArgumentParser:
     model_option(e)
     e.add_argument("--data", default=None, help="score on this corpus instead of the one recorded in the model")
     e.add_argument("--samples", type=int, default=5, help="how many fixed prompts to answer (default %(default)s)")
-    _add_decoding_options(e, preset_help="decoding preset (default balanced, with seed 0)")
+    decoding_options(e, preset_help="decoding preset (default balanced, with seed 0)")
 
     g = sub.add_parser("generate", parents=[common], help="answer one message, or continue a text",
                        description="Print the bot's reply to PROMPT, a one-off message through the same engine as "
@@ -171,24 +173,7 @@ def build_parser(faces: Sequence[FaceCommand] = ()) -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true",
                    help="continue the text as it is; by default PROMPT is a chat message and the reply is printed")
     g.add_argument("--persona", default=None, help="persona that answers (default: the settings'); not with --raw")
-    _add_decoding_options(g, preset_help="decoding preset (default: the persona's; balanced with --raw)")
-
-    c = sub.add_parser("chat", parents=[common], help="talk to the bot in the terminal; it remembers across runs",
-                       description="A conversation with the engine: what is said is stored (SQLite, see --memory) and "
-                                   "the bot remembers it the next time. Reads lines from stdin when piped and prints "
-                                   "one line per line read. Inside the chat, /help lists the commands.")
-    config_option(c)
-    model_option(c)
-    c.add_argument("--memory", default=None, help="SQLite file for conversations, ':memory:' to forget on exit "
-                                                  "(default: the settings' memory_path, chatbot.sqlite3)")
-    c.add_argument("--conversation", default="cli:local",
-                   help="conversation id, 'scope:key' (default %(default)s); each id has its own memory")
-    c.add_argument("--persona", default=None,
-                   help="persona for this conversation, kept for later runs (see /persona); default: the settings'")
-    c.add_argument("--name", default="User", help="your name in the conversation (default %(default)s)")
-    c.add_argument("--reset", action="store_true", help="forget this conversation before starting")
-    _add_decoding_options(c, preset_help="decoding preset for this conversation, kept for later runs "
-                                         "(default: the persona's)")
+    decoding_options(g, preset_help="decoding preset (default: the persona's; balanced with --raw)")
 
     b = sub.add_parser("bench", parents=[common], help="measure batched serving against one generate call per message",
                        description="Run the same conversations through (a) one model.generate call per message, one "
@@ -258,7 +243,7 @@ def build_parser(faces: Sequence[FaceCommand] = ()) -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training import make_train_options, train
+    from chatbot.training import make_train_options, train
 
     opts = make_train_options(
         data=args.data, output=args.output, base_model=args.base_model, vocab_size=args.vocab_size,
@@ -283,7 +268,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .training import evaluate
+    from chatbot.training import evaluate
 
     config = settings_from_args(args)
     settings = _decoding(args, config)
@@ -303,7 +288,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .generation import GenerationRequest, LocalGenerator
+    from chatbot.generation import GenerationRequest, LocalGenerator
 
     if not args.prompt.strip():
         raise ChatbotError("the prompt is empty; give some text to " + ("continue" if args.raw else "answer"))
@@ -315,7 +300,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         request = GenerationRequest(args.prompt, _decoding(args, config))
         print(gen.generate([request])[0].text)
         return 0
-    from .engine import ChatEngine
+    from chatbot.engine import ChatEngine
 
     # One message to the engine, on a memory of its own that ends with this command.
     config = settings_from_args(args, memory_path=":memory:", persona=args.persona, preset=args.preset)
@@ -331,16 +316,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
-    return run_chat(settings, conversation_id=args.conversation, name=args.name, persona=args.persona,
-                    preset=args.preset, reset=args.reset)
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .bench import BenchOptions, format_report, report_json, run_bench
+    from chatbot.bench import BenchOptions, format_report, report_json, run_bench
 
     options = BenchOptions(model=args.model, conversations=args.conversations, turns=args.turns,
                            min_history=args.min_history, max_history=args.max_history, min_reply=args.min_reply,
@@ -354,210 +333,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-CHAT_HELP = """commands:
-  /help            this list
-  /reset           forget this conversation (persona and preset choices stay)
-  /persona         list personas; /persona NAME talks to another one from now on
-  /preset          list decoding presets; /preset NAME switches; /preset default goes back to the persona's
-  /quit            leave (Ctrl-D works too)"""
-
-
-def run_chat(settings: Any, *, conversation_id: str, name: str, persona: str | None = None,
-             preset: str | None = None, reset: bool = False) -> int:
-    """The terminal conversation, on the engine and its persistent memory.
-
-    Interactive, replies stream in as they are generated and Ctrl-C stops a reply. Piped,
-    every line read gives exactly one line out (the reply, or a note in parentheses for
-    a command, an empty line or a refused message), so a script can pair them up.
-    """
-    import asyncio
-
-    from .conversation import check_author, check_conversation_id
-    from .engine import ChatEngine
-
-    check_conversation_id(conversation_id)
-    check_author(name)
-    interactive = sys.stdin.isatty()
-    engine = ChatEngine.from_settings(settings)
-    loop = asyncio.new_event_loop()
-    try:
-        engine.check_author(name)
-    except ChatbotError:
-        loop.run_until_complete(engine.close())
-        loop.close()
-        raise
-
-    def run(coro: Any) -> Any:
-        return loop.run_until_complete(coro)
-
-    try:
-        # The choices first: a mistyped persona must not cost the conversation --reset forgets.
-        if persona is not None:
-            run(engine.set_persona(conversation_id, persona))
-        if preset is not None:
-            run(engine.set_preset(conversation_id, preset))
-        if reset:
-            run(engine.reset(conversation_id))
-        if interactive:
-            _greet(run, engine, settings, conversation_id, name)
-        while True:
-            try:
-                line = input(f"{name}> " if interactive else "")
-            except EOFError:
-                if interactive:
-                    print()  # Ctrl-D: the shell's prompt starts on a line of its own
-                break
-            except KeyboardInterrupt:
-                print()
-                break
-            text = line.strip()
-            if not text:
-                if not interactive:  # still one line out, so a script's lines stay paired
-                    print("(empty message ignored)", flush=True)
-                continue
-            if text.startswith("/"):
-                out = _chat_command(run, engine, conversation_id, text, interactive=interactive)
-                if out is None:
-                    if not interactive:
-                        print("(bye)", flush=True)  # one line out per line in, /quit too
-                    break
-                print(out, flush=True)
-                continue
-            try:
-                if interactive:
-                    _stream_reply(loop, engine, conversation_id, name, text)
-                    continue
-                answered = _until_interrupted(loop, engine.respond(conversation_id, name, text))
-                if answered.result is not None:  # stored, so shown, even when Ctrl-C came meanwhile
-                    print(answered.result.text, flush=True)
-                if answered.interrupted:
-                    raise KeyboardInterrupt
-            except ChatbotError as err:
-                # A refused message, a busy conversation or a failed reply: say so and go on.
-                print(f"({err})", flush=True)
-    finally:
-        run(engine.close())
-        loop.close()
-    return 0
-
-
-def _greet(run: Any, engine: Any, settings: Any, conversation_id: str, name: str) -> None:
-    persona, preset = run(engine.choices(conversation_id))
-    earlier = run(engine.history(conversation_id, 4))
-    total = run(engine.count(conversation_id))
-    where = "kept in this run only" if settings.memory_path == ":memory:" else f"kept in {settings.memory_path}"
-    print(f"Talking to {persona.speaker} (persona {persona.name}, preset {preset}) in {conversation_id}; "
-          f"{total} earlier turns, {where}.")
-    for turn in earlier:
-        print(f"  {turn.author}: {turn.text}")
-    print("/help lists commands; Ctrl-D or /quit leaves.")
-
-
-def _stream_reply(loop: Any, engine: Any, conversation_id: str, name: str, text: str) -> None:
-    async def show() -> None:
-        started = False
-        async with engine.stream(conversation_id, name, text) as stream:
-            async for piece in stream:
-                if not started:
-                    persona, _ = await engine.choices(conversation_id)
-                    print(f"{persona.speaker}> ", end="", flush=True)
-                    started = True
-                print(piece, end="", flush=True)
-        print()
-
-    # Ctrl-C stops this reply, not the chat: closing the stream stops the model at its next
-    # token, and no bot turn is stored (the user's stays).
-    if _until_interrupted(loop, show()).cancelled:
-        print(" (stopped)")
-
-
-@dataclass
-class _Run:
-    result: Any = None
-    cancelled: bool = False
-    """Ctrl-C stopped the work before its end."""
-    interrupted: bool = False
-    """Ctrl-C came while it ran (it may have finished all the same)."""
-
-
-def _until_interrupted(loop: Any, coro: Any) -> _Run:
-    """Run ``coro`` on ``loop``; Ctrl-C (SIGINT) cancels it at its next await instead of raising
-    wherever Python happens to be. The engine stores a bot turn only in a reply that is then
-    returned, so a reply the user was not shown is never left stored."""
-    import asyncio
-    import signal
-
-    task = loop.create_task(coro)
-    run = _Run()
-
-    def on_sigint() -> None:
-        run.interrupted = True
-        task.cancel()
-
-    try:
-        loop.add_signal_handler(signal.SIGINT, on_sigint)
-        handled = True
-    except (NotImplementedError, RuntimeError, ValueError):  # Windows, or not the main thread
-        handled = False
-    try:
-        run.result = loop.run_until_complete(task)
-    except asyncio.CancelledError:
-        run.cancelled = True
-    except KeyboardInterrupt:  # where no handler could be installed
-        run.interrupted = True
-        task.cancel()
-        try:
-            run.result = loop.run_until_complete(task)
-        except asyncio.CancelledError:
-            run.cancelled = True
-    finally:
-        if handled:
-            loop.remove_signal_handler(signal.SIGINT)
-    return run
-
-
-def _chat_command(run: Any, engine: Any, conversation_id: str, text: str, *, interactive: bool = True) -> str | None:
-    """Run one /command; returns what to print (one line when piped), or None to leave."""
-    from .decoding import PRESETS
-
-    command, _, arg = text.partition(" ")
-    arg = arg.strip()
-    try:
-        if command in ("/quit", "/exit"):
-            return None
-        if command == "/help":
-            return CHAT_HELP if interactive else "(commands: " + "; ".join(
-                " ".join(line.split()) for line in CHAT_HELP.splitlines()[1:]) + ")"
-        if command == "/reset":
-            if arg:  # forgetting is not undone: "/reset cli:other" must not forget this one instead
-                return f"(/reset takes no argument; it forgets this conversation, {conversation_id})"
-            removed = run(engine.reset(conversation_id))
-            return f"(forgot {removed} turns of {conversation_id})"
-        if command == "/persona":
-            if not arg:
-                current, _ = run(engine.choices(conversation_id))
-                return "(personas: " + ", ".join(
-                    f"{n}{' *' if n == current.name else ''} ({p.speaker})" for n, p in engine.personas().items()) + ")"
-            chosen = run(engine.set_persona(conversation_id, arg))
-            return f"(now talking to {chosen.speaker}, persona {chosen.name})"
-        if command == "/preset":
-            if not arg:
-                _, current = run(engine.choices(conversation_id))
-                return "(presets: " + ", ".join(f"{n}{' *' if n == current else ''}" for n in PRESETS) + ")"
-            chosen = run(engine.set_preset(conversation_id, None if arg == "default" else arg))
-            return f"(decoding preset {chosen})"
-    except ChatbotError as err:
-        return f"({err})"
-    return f"(unknown command {command}; /help lists them)"
-
-
 def cmd_selfchat(args: argparse.Namespace) -> int:
     import asyncio
     from pathlib import Path
 
-    from .config import Settings
-    from .engine import ChatEngine
-    from .selfchat import arms, format_table, run_arm, sample_lines
+    from chatbot.config import Settings
+    from chatbot.engine import ChatEngine
+    from chatbot.selfchat import arms, format_table, run_arm, sample_lines
 
     if args.conversations < 1 or args.turns < 1:
         raise ChatbotError("`--conversations` and `--turns` must be at least 1")
@@ -599,10 +381,10 @@ def cmd_selfchat(args: argparse.Namespace) -> int:
 def cmd_lab(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .config import Settings
-    from .lab import load_generators, prepare, run_lab
-    from .lab_html import render_html
-    from .lab_report import (
+    from chatbot.config import Settings
+    from chatbot.lab import load_generators, prepare, run_lab
+    from chatbot.lab_html import render_html
+    from chatbot.lab_report import (
         check_baseline,
         check_out_dir,
         compare,
@@ -664,8 +446,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
 def cmd_safety_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .config import Settings
-    from .safety import LABELLED_SETS, ToxicityFilter, evaluate_filter, load_labelled
+    from chatbot.config import Settings
+    from chatbot.safety import LABELLED_SETS, ToxicityFilter, evaluate_filter, load_labelled
 
     settings = Settings.load(args.config, toxicity_threshold=args.threshold)
     check = ToxicityFilter(settings.toxicity_threshold, blocklist=settings.blocklist, allowlist=settings.allowlist)
@@ -687,7 +469,7 @@ def cmd_safety_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "safety-eval": cmd_safety_eval,
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "bench": cmd_bench, "safety-eval": cmd_safety_eval,
             "selfchat": cmd_selfchat, "lab": cmd_lab}
 
 
