@@ -591,7 +591,7 @@ async def _run_cell(plan: LabPlan, cell: LabCell, generator: Any, prompts_dir: P
 def _score(generator: Any, scored: Sequence[tuple[str, str]]) -> tuple[float, int]:
     """Summed negative log-likelihood and token count of the replies, each under its prompt."""
     # In a transcript the reply's first word carries the space after "Name:"; a DialoGPT
-    # reply follows the end-of-text token directly (as `LocalGenerator._bot_turn_ids` reads them).
+    # reply follows the end-of-text token directly (as `LocalGenerator.bot_turn_ids` reads them).
     lead = " " if generator.format.name == "transcript" else ""
     total, tokens = 0.0, 0
     for prompt, reply in scored:
