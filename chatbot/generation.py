@@ -472,8 +472,8 @@ class LocalGenerator:
                     ids = arrived.get(timeout=wait)
                 except queue.Empty:
                     raise ChatbotError(f"the model gave no token for {wait:g} s") from None
-                if ids is None:
-                    break
+                if ids is None or (request.cancel is not None and request.cancel.is_set()):
+                    break  # cancelled: tokens made meanwhile are not shown
                 reply.add(ids)
                 piece = reply.release()
                 if piece:

@@ -354,6 +354,8 @@ class BatchingGenerator:
             while True:
                 kind, value = seq.pieces.get()
                 if kind == "piece":
+                    if request.cancel is not None and request.cancel.is_set():
+                        continue  # cancelled: pieces made meanwhile are not shown; the end follows
                     yield value
                 elif kind == "error":
                     raise value
