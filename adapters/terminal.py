@@ -61,7 +61,10 @@ def run_chat(settings: Any, *, conversation_id: str, name: str, persona: str | N
     from chatbot.engine import ChatEngine
 
     check_conversation_id(conversation_id)
-    check_author(name)
+    try:
+        check_author(name)
+    except ChatbotError as err:
+        raise ChatbotError(f"--name {name!r}: {err}") from None
     interactive = sys.stdin.isatty()
     engine = ChatEngine.from_settings(settings)
     loop = asyncio.new_event_loop()

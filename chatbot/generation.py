@@ -161,6 +161,10 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.mo
 """A model directory holds at least one of these (fast tokenizer, GPT-2 BPE, sentencepiece, WordPiece)."""
 
 
+_ROUND_TRIP = "hello there, how are you?"
+"""Plain text every working tokenizer encodes and decodes back unchanged."""
+
+
 @contextlib.contextmanager
 def _no_progress_bars() -> Iterator[None]:
     """transformers' "Loading weights" bars off while a model loads: they are noise on a terminal
@@ -226,6 +230,11 @@ def load_model(
             if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
                 raise _not_found(name, "its tokenizer has no ordinary tokens; the tokenizer files are missing "
                                        "or empty", option)
+            back = tokenizer.decode(tokenizer(_ROUND_TRIP, add_special_tokens=False)["input_ids"])
+            if back.strip() != _ROUND_TRIP:
+                # A tokenizer.json read without its tokenizer_config.json, say, as another tokenizer class.
+                raise _not_found(name, f"its tokenizer does not give back the text it encodes ({_ROUND_TRIP!r} "
+                                       f"comes back as {back!r}); is tokenizer_config.json missing?", option)
             model = AutoModelForCausalLM.from_pretrained(
                 source, local_files_only=not allow_download, dtype=_dtype_for(dev)
             )

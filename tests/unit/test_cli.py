@@ -51,14 +51,16 @@ def test_a_damaged_model_directory_is_one_line_saying_what_failed(capsys, tmp_pa
 
 
 @pytest.mark.parametrize("command", ["generate", "chat"])
-@pytest.mark.parametrize("damage", ["no tokenizer files", "an empty vocabulary"])
+@pytest.mark.parametrize("damage", ["no tokenizer files", "an empty vocabulary", "no tokenizer_config.json"])
 def test_a_model_without_its_tokenizer_fails_at_load_in_one_line(capsys, monkeypatch, tmp_path, tiny_dir, command,
                                                                  damage):
     import io
     import shutil
 
     broken = shutil.copytree(tiny_dir, tmp_path / "broken")
-    for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
+    gone = ["tokenizer_config.json"] if damage == "no tokenizer_config.json" else [
+        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"]
+    for file in gone:
         (broken / file).unlink(missing_ok=True)
     if damage == "an empty vocabulary":
         (broken / "vocab.json").write_text('{"<|endoftext|>": 0}')
@@ -442,3 +444,10 @@ def test_an_unknown_option_shows_the_commands_own_usage(capsys, argv):
     err = capsys.readouterr().err
     assert exit_.value.code == 2
     assert err.startswith(f"usage: bot.py {argv[0]} ") and f"bot.py {argv[0]}: error: unrecognized arguments: --presset" in err
+
+
+@pytest.mark.parametrize("name, message", [("", "--name '': author must be a non-empty string"),
+                                           ("x" * 101, "--name 'xxx")])
+def test_a_bad_chat_name_names_the_option(capsys, monkeypatch, tiny_dir, chat_env, name, message):
+    code, out, err = chat(capsys, monkeypatch, tiny_dir, ["hi"], "--name", name)
+    assert code == 2 and out == "" and err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1
