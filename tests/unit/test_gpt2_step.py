@@ -8,7 +8,7 @@ import torch
 
 import chatbot.gpt2_step as gpt2_step
 from chatbot.gpt2_step import PackedStep, Piece
-from chatbot.scheduler import _Block
+from chatbot.kv_cache import KVBlock
 
 
 def tiny_gpt2(**extra):
@@ -40,7 +40,7 @@ def test_decoding_rows_and_a_prompt_piece_match_the_models_forward(per_row, smal
     step.per_row = per_row
     with torch.inference_mode():
         # Three rows of different lengths, left-padded to the shared end column 20.
-        ours, theirs = _Block(model, 3, 40), _Block(model, 3, 40)
+        ours, theirs = KVBlock(model, 3, 40), KVBlock(model, 3, 40)
         starts, end = [2, 11, 17], 20
         history = torch.randint(0, 97, (3, 20))
         for i, s in enumerate(starts):  # each row's history read by the model, at its own columns
@@ -50,7 +50,7 @@ def test_decoding_rows_and_a_prompt_piece_match_the_models_forward(per_row, smal
             b.copy_(a)
         # A prompt piece read after 5 tokens already in the staging row.
         prompt = torch.randint(0, 97, (12,)).tolist()
-        stage, expected_stage = _Block(model, 1, 40), _Block(model, 1, 40)
+        stage, expected_stage = KVBlock(model, 1, 40), KVBlock(model, 1, 40)
         model(input_ids=torch.tensor([prompt[:5]]), use_cache=True, past_key_values=stage.cache(slice(0, 1), 0, 0))
         for a, b in zip(stage.k + stage.v, expected_stage.k + expected_stage.v):
             b.copy_(a)
@@ -73,7 +73,7 @@ def test_a_piece_alone_from_the_start_gives_no_logits_and_the_prompts_keys():
     model = tiny_gpt2()
     step = PackedStep(model)
     with torch.inference_mode():
-        rows, stage, expected = _Block(model, 2, 40), _Block(model, 1, 40), _Block(model, 1, 40)
+        rows, stage, expected = KVBlock(model, 2, 40), KVBlock(model, 1, 40), KVBlock(model, 1, 40)
         prompt = torch.randint(0, 97, (9,)).tolist()
         assert step(rows.k, rows.v, [], [], [], 0, stage_keys=stage.k, stage_values=stage.v,
                     pieces=[Piece(prompt, 0)]) is None

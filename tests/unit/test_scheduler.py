@@ -12,7 +12,8 @@ import torch
 from chatbot.decoding import DecodingSettings
 from chatbot.generation import GenerationRequest
 from chatbot.errors import GeneratorBusy
-from chatbot.scheduler import BatchingGenerator, PrefixCache
+from chatbot.kv_cache import PrefixCache
+from chatbot.scheduler import BatchingGenerator
 
 GREEDY = DecodingSettings(temperature=0, max_new_tokens=12, max_time=60)
 STOPS = ("\nada:", "\nBot:")
@@ -455,12 +456,12 @@ def test_a_failure_while_a_read_prompt_joins_the_batch_fails_it_and_the_next_req
 
 
 def test_running_out_of_memory_keeping_a_finished_row_costs_only_the_saving(roomy_gen, sched, monkeypatch):
-    import chatbot.scheduler as scheduler
+    import chatbot.kv_cache as kv_cache
 
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("out of memory (simulated: copying a finished row)")
 
-    monkeypatch.setattr(scheduler._Block, "row", no_memory)
+    monkeypatch.setattr(kv_cache.KVBlock, "row", no_memory)
     short = sched.submit(GenerationRequest(PROMPTS[1], GREEDY.model_copy(update={"max_new_tokens": 2}), ()))
     other = sched.submit(GenerationRequest(PROMPTS[2], GREEDY, ()))
     assert short.future.result(timeout=60).completion_tokens == 2
