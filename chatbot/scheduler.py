@@ -42,7 +42,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -104,6 +104,74 @@ class _Sequence:
     """Earlier tries that came out empty (sampled replies are tried again)."""
 
 
+class PromptPlanner:
+    """Which prompts are read at the next step, into which staging row, and how many of their
+    tokens: plain Python on token counts, so it is tested without a model.
+
+    A request goes from `pending` (taken from the queue, its batch row reserved) to `staged`
+    (its prompt being read into a staging row, from the longest cached prefix on) to the batch
+    (placed once read). A sequence here needs ``ids`` (prompt, then the token to decode from),
+    ``read`` (prompt tokens already in its staging row) and ``stage_row``.
+    """
+
+    def __init__(self, max_batch: int, stage_rows: int) -> None:
+        self.max_batch = max_batch
+        self.stage_rows = stage_rows
+        self.pending: deque[Any] = deque()
+        self.staged: list[Any] = []
+
+    def room(self, decoding: int) -> int:
+        """Requests that may still be taken from the queue, with ``decoding`` rows in the batch."""
+        return self.max_batch - decoding - len(self.pending) - len(self.staged)
+
+    def waiting(self) -> list[Any]:
+        return [*self.staged, *self.pending]
+
+    def clear(self) -> None:
+        self.pending, self.staged = deque(), []
+
+    def plan(self, budget: int, *, over: Callable[[Any], bool], start: Callable[[Any], None],
+             place: Callable[[Any], None]) -> list[tuple[Any, int]]:
+        """The prompts to read this step and how many tokens of each, ``budget`` tokens in all.
+
+        Prompts are taken in the order they came, each into a free staging row, where ``start``
+        sets how much of it is already read (a cached prefix); one read whole joins the batch at
+        once (``place``). ``over(seq)`` ends a request that was cancelled or ran out of time.
+        """
+        # Cancelled or out of time: ended now, not when the budget reaches them.
+        self.staged = [seq for seq in self.staged if not over(seq)]
+        self.pending = deque(seq for seq in self.pending if not over(seq))
+        plan: list[tuple[Any, int]] = []
+        k = 0
+        while budget > 0:
+            if k < len(self.staged):
+                seq = self.staged[k]
+            elif self.pending and len(self.staged) < self.stage_rows:
+                seq = self.pending.popleft()
+                used = {s.stage_row for s in self.staged}
+                seq.stage_row = min(set(range(self.stage_rows)) - used)
+                self.staged.append(seq)  # from here until it is in the batch, a failure reaches it here
+                start(seq)
+            else:
+                break
+            todo = len(seq.ids) - 1 - seq.read
+            if not todo:
+                place(seq)  # then unstaged: a failure while placing must still find it staged
+                self.staged.pop(k)
+                continue
+            plan.append((seq, min(todo, budget)))
+            budget -= plan[-1][1]
+            k += 1
+        return plan
+
+    def read(self, seq: Any, m: int, place: Callable[[Any], None]) -> None:
+        """``m`` more tokens of a staged prompt were read; a prompt read to the end joins the batch."""
+        seq.read += m
+        if seq.read == len(seq.ids) - 1:
+            place(seq)  # then unstaged: a failure while placing must still find it staged
+            self.staged.remove(seq)
+
+
 class BatchingGenerator:
     """A `Generator` that batches concurrent requests on one `LocalGenerator`'s model.
 
@@ -141,8 +209,7 @@ class BatchingGenerator:
         self._batch: list[_Sequence] = []
         self._starts: list[int] = []
         self._end = 0
-        self._pending: deque[_Sequence] = deque()
-        self._staged: list[_Sequence] = []
+        self._planner = PromptPlanner(max_batch, min(STAGE_ROWS, max_batch))
         """Requests whose prompts are being read, each into its own row of `_stage` (`_Sequence.stage_row`)."""
         self._fit: int | None = None
         """Rows a decode step ran with after running out of memory (None: all of them)."""
@@ -280,7 +347,7 @@ class BatchingGenerator:
 
         while not self._closed:
             self._admit()
-            if not (self._batch or self._pending or self._staged):
+            if not (self._batch or self._planner.waiting()):
                 self._unpacked = False
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -299,7 +366,8 @@ class BatchingGenerator:
                 log.exception("batched generation failed")
                 for seq in self._in_flight():
                     self._fail(seq, err)
-                self._batch, self._starts, self._pending, self._staged = [], [], deque(), []
+                self._batch, self._starts = [], []
+                self._planner.clear()
                 if isinstance(err, torch.OutOfMemoryError) and torch.cuda.is_available():
                     torch.cuda.empty_cache()
         closed = ChatbotError("the generator is closed")
@@ -309,7 +377,11 @@ class BatchingGenerator:
             self._fail(seq, closed)
 
     def _in_flight(self) -> list[_Sequence]:
-        return [*self._batch, *self._staged, *self._pending]
+        return [*self._batch, *self._planner.waiting()]
+
+    def in_flight(self) -> int:
+        """Requests being read or decoded now (those still queued not counted)."""
+        return len(self._in_flight())
 
     def _admit(self) -> None:
         """End queued requests that were cancelled or ran out of time (their callers and queue
@@ -319,11 +391,11 @@ class BatchingGenerator:
             if gone:
                 ended = {id(seq) for seq in gone}
                 self._waiting = deque(seq for seq in self._waiting if id(seq) not in ended)
-            room = self.max_batch - len(self._batch) - len(self._pending) - len(self._staged)
+            room = self._planner.room(len(self._batch))
             taken = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
         for seq in gone:
             self._over(seq)
-        self._pending.extend(taken)
+        self._planner.pending.extend(taken)
 
     @staticmethod
     def _cancelled(seq: _Sequence) -> bool:
@@ -346,45 +418,6 @@ class BatchingGenerator:
         self._finish(seq)
         return True
 
-    def _reading_plan(self, budget: int) -> list[tuple[_Sequence, int]]:
-        """The prompts to read this step and how many tokens of each, `budget` tokens in all.
-
-        Prompts are taken in the order they came, each into a free staging row from the longest
-        cached prefix on; one found whole in the prefix cache joins the batch at once.
-        """
-        # Cancelled or out of time: ended now, not when the budget reaches them.
-        self._staged = [seq for seq in self._staged if not self._over(seq)]
-        self._pending = deque(seq for seq in self._pending if not self._over(seq))
-        plan: list[tuple[_Sequence, int]] = []
-        k = 0
-        while budget > 0:
-            if k < len(self._staged):
-                seq = self._staged[k]
-            elif self._pending and len(self._staged) < len(self._stage.k[0]):
-                seq = self._pending.popleft()
-                used = {s.stage_row for s in self._staged}
-                seq.stage_row = min(set(range(len(self._stage.k[0]))) - used)
-                self._staged.append(seq)  # from here until it is in the batch, a failure reaches it here
-                self._start_reading(seq)
-            else:
-                break
-            todo = len(seq.ids) - 1 - seq.read
-            if not todo:
-                self._place(seq)  # then unstaged: a failure while placing must still find it staged
-                self._staged.pop(k)
-                continue
-            plan.append((seq, min(todo, budget)))
-            budget -= plan[-1][1]
-            k += 1
-        return plan
-
-    def _read(self, seq: _Sequence, m: int) -> None:
-        """``m`` more tokens of a staged prompt were read; a prompt read to the end joins the batch."""
-        seq.read += m
-        if seq.read == len(seq.ids) - 1:
-            self._place(seq)  # then unstaged: a failure while placing must still find it staged
-            self._staged.remove(seq)
-
     def _read_prompts(self) -> None:
         """Read waiting prompts with the model's own forward, `prefill_chunk` tokens between two
         decode steps at most (any number while nothing is decoding).
@@ -397,17 +430,17 @@ class BatchingGenerator:
         import torch
 
         while True:
-            plan = self._reading_plan(self.prefill_chunk)
+            plan = self._planner.plan(self.prefill_chunk, over=self._over, start=self._start_reading, place=self._place)
             for seq, m in plan:
                 try:
                     m = self._read_chunk(seq, m)
                 except torch.OutOfMemoryError as err:  # even one token at a time did not fit: this request fails
-                    self._staged.remove(seq)
+                    self._planner.staged.remove(seq)
                     self._fail(seq, err)
                     continue
                 # Outside the `try`: running out of memory while joining the batch may leave the
                 # batch's rows half moved, so it must fail every request, as any other failure does.
-                self._read(seq, m)
+                self._planner.read(seq, m, self._place)
             if self._batch or not plan:
                 return
 
@@ -494,7 +527,7 @@ class BatchingGenerator:
 
         from .gpt2_step import Piece
 
-        plan = self._reading_plan(self.prefill_chunk)
+        plan = self._planner.plan(self.prefill_chunk, over=self._over, start=self._start_reading, place=self._place)
         n = len(self._batch)
         if not (plan or n):  # every waiting request was cancelled or out of time
             return
@@ -515,7 +548,7 @@ class BatchingGenerator:
         if n:
             self._end += 1
         for seq, m in plan:
-            self._read(seq, m)
+            self._planner.read(seq, m, self._place)
         if logits is not None:
             self._take(logits, n)
 
@@ -635,7 +668,7 @@ class BatchingGenerator:
         again.future, again.pieces, again.attempt = seq.future, seq.pieces, seq.attempt + 1
         again.deadline, again.started = seq.deadline, seq.started
         seq.delivered = True  # this try is over; its row leaves as usual
-        self._pending.appendleft(again)
+        self._planner.pending.appendleft(again)
 
     def _fail(self, seq: _Sequence, err: BaseException) -> None:
         if seq.delivered:

@@ -398,7 +398,7 @@ def test_leaving_a_stream_early_ends_its_row_without_a_cancel_event(roomy_gen):
         pieces = sched.stream(GenerationRequest("ada: tell me everything\nBot:", long, ()))
         next(pieces)
         pieces.close()
-        wait_for(lambda: not sched._batch and not sched._staged)
+        wait_for(lambda: sched.in_flight() == 0)
         assert sched.rows_stepped < 150, "the row ran on after its reader left"
     finally:
         sched.close()
