@@ -146,3 +146,70 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+class RowBatch:
+    """The decoding rows' keys and values in one `KVBlock`: row ``i`` holds sequence ``i``'s in
+    columns ``starts[i]`` to ``end``, so every row writes its next token at column ``end``
+    (rows are left-padded to it) and a row joins or leaves by copying only its own columns."""
+
+    def __init__(self, block: KVBlock) -> None:
+        self.block = block
+        self.seqs: list[Any] = []
+        self.starts: list[int] = []
+        self.end = 0
+        self.moves = 0
+        """Times every row's keys/values were moved (a long prompt joining, or compaction)."""
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def place(self, seq: Any, stage: KVBlock, stage_row: int, length: int) -> None:
+        """Append ``seq``, whose ``length`` keys/values are in row ``stage_row`` of ``stage``; they
+        end at the shared write column (every row moves right when they do not fit on its left)."""
+        block = self.block
+        if not self.seqs:
+            self.end = length
+        elif length > self.end:
+            block.shift(len(self.seqs), min(self.starts), self.end, length - self.end)
+            self.starts = [s + length - self.end for s in self.starts]
+            self.end = length
+            self.moves += 1
+        i, start = len(self.seqs), self.end - length
+        for layer in range(len(block.k)):
+            block.k[layer][i, :, start:self.end] = stage.k[layer][stage_row, :, :length]
+            block.v[layer][i, :, start:self.end] = stage.v[layer][stage_row, :, :length]
+        self.seqs.append(seq)
+        self.starts.append(start)
+
+    def make_room(self) -> None:
+        """Free a column for this step's tokens when the block has none: drop the padding on the left."""
+        if self.end >= self.block.columns:
+            lo = min(self.starts)
+            self.block.shift(len(self.seqs), lo, self.end, -lo)
+            self.starts = [s - lo for s in self.starts]
+            self.end -= lo
+            self.moves += 1
+
+    def kept(self, i: int) -> list[tuple[Any, Any]]:
+        """Copies of row ``i``'s keys/values, layer by layer (for the prefix cache)."""
+        return [tuple(t.clone() for t in self.block.row(layer, i, self.starts[i], self.end))  # type: ignore[misc]
+                for layer in range(len(self.block.k))]
+
+    def remove(self, i: int) -> None:
+        """Row ``i`` leaves; the last row takes its place."""
+        last = len(self.seqs) - 1
+        if i != last:
+            lo = self.starts[last]
+            for t in (*self.block.k, *self.block.v):
+                t[i, :, lo:self.end] = t[last, :, lo:self.end]
+            self.seqs[i], self.starts[i] = self.seqs[last], self.starts[last]
+        self.seqs.pop()
+        self.starts.pop()
+
+    def cache(self, a: int, b: int) -> Any:
+        """A transformers cache over rows ``a:b``, from their earliest column; new tokens go at ``end``."""
+        return self.block.cache(slice(a, b), min(self.starts[a:b]), self.end)
+
+    def clear(self) -> None:
+        self.seqs, self.starts = [], []

@@ -58,7 +58,7 @@ from .generation import (
     sample_again,
     settings_for_try,
 )
-from .kv_cache import KVBlock, PrefixCache
+from .kv_cache import KVBlock, PrefixCache, RowBatch
 
 __all__ = ["BatchingGenerator", "PrefixCache"]
 
@@ -203,14 +203,9 @@ class BatchingGenerator:
         """Prompt tokens read between two decode steps at most (the rows decoding wait that long)."""
         self.ignore_eos = ignore_eos
         """Decode exactly `max_new_tokens` (benchmarks: both arms then do the same work)."""
-        # The scheduler thread's state. Decoding rows are rows 0..n-1 of `_rows`; row i's
-        # keys/values fill columns `_starts[i]` to `_end`, so every row writes its next token
-        # at the same column and a row joins or leaves by copying only its own columns.
-        self._batch: list[_Sequence] = []
-        self._starts: list[int] = []
-        self._end = 0
+        # The scheduler thread's state: the decoding rows (`_rows`, a `RowBatch`) and the
+        # prompts being read, each into its own row of `_stage` (`_planner`).
         self._planner = PromptPlanner(max_batch, min(STAGE_ROWS, max_batch))
-        """Requests whose prompts are being read, each into its own row of `_stage` (`_Sequence.stage_row`)."""
         self._fit: int | None = None
         """Rows a decode step ran with after running out of memory (None: all of them)."""
         """Token ids a reply may not start with, within the model's vocabulary (found at the first step)."""
@@ -220,7 +215,7 @@ class BatchingGenerator:
         from .gpt2_step import PackedStep
 
         try:
-            self._rows = KVBlock(self.model, max_batch, self.context_size + SPARE_COLUMNS)
+            self._rows = RowBatch(KVBlock(self.model, max_batch, self.context_size + SPARE_COLUMNS))
             self._stage = KVBlock(self.model, min(STAGE_ROWS, max_batch), self.context_size)
             self._packed = PackedStep(self.model) if packed and PackedStep.supports(self.model) else None
             """GPT-2: each step runs the decoding rows and the prompt pieces in one pass (`gpt2_step`)."""
@@ -236,8 +231,6 @@ class BatchingGenerator:
         self._closed = False
         self.steps = 0
         self.rows_stepped = 0
-        self.moves = 0
-        """Times every row's keys/values were moved (a long prompt joining, or compaction)."""
         self.splits = 0
         """Decode steps split in two because memory ran out."""
         self.oom_retries = 0
@@ -366,7 +359,7 @@ class BatchingGenerator:
                 log.exception("batched generation failed")
                 for seq in self._in_flight():
                     self._fail(seq, err)
-                self._batch, self._starts = [], []
+                self._rows.clear()
                 self._planner.clear()
                 if isinstance(err, torch.OutOfMemoryError) and torch.cuda.is_available():
                     torch.cuda.empty_cache()
@@ -375,6 +368,11 @@ class BatchingGenerator:
             left, self._waiting = [*self._in_flight(), *self._waiting], deque()
         for seq in left:
             self._fail(seq, closed)
+
+    @property
+    def _batch(self) -> list[_Sequence]:
+        """The decoding rows' requests, in row order."""
+        return self._rows.seqs
 
     def _in_flight(self) -> list[_Sequence]:
         return [*self._batch, *self._planner.waiting()]
@@ -483,42 +481,23 @@ class BatchingGenerator:
             torch.cuda.empty_cache()
 
     def _place(self, seq: _Sequence) -> None:
-        """Move a read prompt into the batch: its keys/values end at the batch's shared write column."""
-        rows = self._rows
-        length = len(seq.ids) - 1
-        if not self._batch:
-            self._end = length
-        elif length > self._end:  # not enough room on the left: move every row right
-            rows.shift(len(self._batch), min(self._starts), self._end, length - self._end)
-            self._starts = [s + length - self._end for s in self._starts]
-            self._end = length
-            self.moves += 1
-        i, start = len(self._batch), self._end - length
-        stage, r = self._stage, seq.stage_row
-        for layer in range(len(rows.k)):
-            rows.k[layer][i, :, start:self._end] = stage.k[layer][r, :, :length]
-            rows.v[layer][i, :, start:self._end] = stage.v[layer][r, :, :length]
-        self._batch.append(seq)
-        self._starts.append(start)
+        """Move a read prompt into the batch."""
+        self._rows.place(seq, self._stage, seq.stage_row, len(seq.ids) - 1)
 
-    def _make_room(self) -> None:
-        """Free a column for this step's tokens when the block has none: drop the padding on the left."""
-        if self._end >= self._rows.columns:
-            lo = min(self._starts)
-            self._rows.shift(len(self._batch), lo, self._end, -lo)
-            self._starts = [s - lo for s in self._starts]
-            self._end -= lo
-            self.moves += 1
+    @property
+    def moves(self) -> int:
+        """Times every row's keys/values were moved (a long prompt joining, or compaction)."""
+        return self._rows.moves
 
     def _step(self) -> None:
         """One token for every row of the batch."""
         import torch
 
-        self._make_room()
+        self._rows.make_room()
         n = len(self._batch)
         size = self._fit or n
         logits = torch.cat([self._forward_rows(a, min(a + size, n)) for a in range(0, n, size)])
-        self._end += 1
+        self._rows.end += 1
         self._take(logits)
 
     def _packed_step(self) -> None:
@@ -532,12 +511,12 @@ class BatchingGenerator:
         if not (plan or n):  # every waiting request was cancelled or out of time
             return
         if n:
-            self._make_room()
+            self._rows.make_room()
         rows, stage = self._rows, self._stage
         pieces = [Piece(seq.ids[seq.read: seq.read + m], seq.read, seq.stage_row) for seq, m in plan]
         try:
-            logits = self._packed(rows.k, rows.v, [s.ids[-1] for s in self._batch],
-                                  [len(s.ids) - 1 for s in self._batch], self._starts, self._end,
+            logits = self._packed(rows.block.k, rows.block.v, [s.ids[-1] for s in self._batch],
+                                  [len(s.ids) - 1 for s in self._batch], rows.starts, rows.end,
                                   stage_keys=stage.k, stage_values=stage.v, pieces=pieces)
         except torch.OutOfMemoryError:
             # Everything this pass wrote is written again by the retry: go the separate way (prompt
@@ -546,7 +525,7 @@ class BatchingGenerator:
             self._unpacked = True
             return
         if n:
-            self._end += 1
+            rows.end += 1
         for seq, m in plan:
             self._planner.read(seq, m, self._place)
         if logits is not None:
@@ -591,15 +570,15 @@ class BatchingGenerator:
         import torch
 
         dev = self.model.device
-        seqs, starts = self._batch[a:b], self._starts[a:b]
+        seqs, starts = self._batch[a:b], self._rows.starts[a:b]
         try:
-            lo, end = min(starts), self._end
+            lo, end = min(starts), self._rows.end
             ids = torch.tensor([[s.ids[-1]] for s in seqs], device=dev)
             positions = torch.tensor([[len(s.ids) - 1] for s in seqs], device=dev)
             columns = torch.arange(lo, end + 1, device=dev)
             mask = (columns[None, :] >= torch.tensor(starts, device=dev)[:, None]).long()
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             past_key_values=self._rows.cache(slice(a, b), lo, end))
+                             past_key_values=self._rows.cache(a, b))
             return out.logits[:, -1, :].float()
         except torch.OutOfMemoryError as err:
             if b - a == 1:  # one row alone does not fit: it fails, the others go on
@@ -685,24 +664,15 @@ class BatchingGenerator:
         import torch
 
         rows = self._rows
-        end = self._end
         for i in reversed([i for i, s in enumerate(self._batch) if s.done is not None]):
-            seq, start = self._batch[i], self._starts[i]
+            seq = self._batch[i]
             if seq.done != "error" and self.cache.max_bytes:
                 # The row holds ids[:-1]: the prompt and the reply but its last token.
                 try:
-                    kv = [tuple(t.clone() for t in rows.row(layer, i, start, end)) for layer in range(len(rows.k))]
-                    self.cache.put(seq.ids[: end - start], kv)
+                    self.cache.put(seq.ids[: rows.end - rows.starts[i]], rows.kept(i))
                 except torch.OutOfMemoryError:  # keeping it is only a saving for later
                     self._after_oom()
-            last = len(self._batch) - 1
-            if i != last:
-                lo = self._starts[last]
-                for t in (*rows.k, *rows.v):
-                    t[i, :, lo:end] = t[last, :, lo:end]
-                self._batch[i], self._starts[i] = self._batch[last], self._starts[last]
-            self._batch.pop()
-            self._starts.pop()
+            rows.remove(i)
         if not self._batch:
             self._fit = None
             self._unpacked = False
