@@ -103,6 +103,80 @@ class _Sequence:
     attempt: int = 0
     """Earlier tries that came out empty (sampled replies are tried again)."""
 
+    def cancelled(self) -> bool:
+        """Its caller cancelled it, or its stream's reader left."""
+        return self.abandoned or (self.request.cancel is not None and self.request.cancel.is_set())
+
+    def gone(self) -> bool:
+        """Cancelled, or out of time."""
+        return self.cancelled() or time.perf_counter() > self.deadline
+
+    def choose(self, scores: Any) -> int:
+        """The next token: the request's processors, then greedy or its own sampler."""
+        import torch
+
+        if not self.processors and self.warpers is None:
+            return int(scores.argmax(dim=-1))
+        row_ids = torch.tensor([self.ids], device=scores.device)
+        if self.processors:
+            scores = self.processors(row_ids, scores)
+        if self.warpers is None:
+            return int(scores.argmax(dim=-1))
+        probs = torch.softmax(self.warpers(row_ids, scores), dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.sampler))
+
+    def take(self, token: int, *, eos: int | None, context_size: int) -> None:
+        """Record the next token: the text so far, and whether a stop string, a limit, the
+        deadline or a cancellation ends the reply (``eos``: the end-of-text id, None when it is
+        an ordinary token); a stream gets what became final."""
+        self.ids.append(token)
+        self.generated.append(token)
+        if len(self.generated) == 1:
+            self.first_token_at = time.perf_counter()
+        assert self.reply is not None
+        if token == eos:
+            self.done = "stop"
+        else:
+            self.reply.add([token])
+            self.text = self.reply.text
+            if self.reply.stopped:
+                self.done = "stop"
+        if self.done is None:
+            if len(self.generated) >= self.request.settings.max_new_tokens:
+                self.done = "length"
+            elif time.perf_counter() > self.deadline:
+                self.done = "time"
+            elif self.cancelled():
+                self.done = "cancelled"
+            elif len(self.ids) >= context_size:
+                self.done = "length"
+        if self.pieces is not None:
+            piece = self.reply.release(final=self.done is not None)
+            if piece:
+                self.pieces.put(("piece", piece))
+
+    def deliver(self) -> None:
+        """Hand the finished reply to whoever waits (a future, or a stream's reader)."""
+        self.delivered = True
+        reason = self.done or "stop"
+        result = GenerationResult(final_text(self.text, reason, self.request), self.prompt_len, len(self.generated),
+                                  "stop" if reason == "cancelled" else reason,  # type: ignore[arg-type]
+                                  time.perf_counter() - self.started, tuple(self.generated))
+        if self.future is not None and not self.future.done():
+            self.future.set_result(result)
+        if self.pieces is not None:
+            self.pieces.put(("end", result))
+
+    def fail(self, err: BaseException) -> None:
+        if self.delivered:
+            return
+        self.delivered = True
+        self.done = "error"
+        if self.future is not None and not self.future.done():
+            self.future.set_exception(err)
+        if self.pieces is not None:
+            self.pieces.put(("error", err))
+
 
 class PromptPlanner:
     """Which prompts are read at the next step, into which staging row, and how many of their
@@ -385,7 +459,7 @@ class BatchingGenerator:
         """End queued requests that were cancelled or ran out of time (their callers and queue
         places are freed at once), and take the others while the batch has room for them."""
         with self._lock:
-            gone = [seq for seq in self._waiting if self._gone(seq)]
+            gone = [seq for seq in self._waiting if seq.gone()]
             if gone:
                 ended = {id(seq) for seq in gone}
                 self._waiting = deque(seq for seq in self._waiting if id(seq) not in ended)
@@ -395,19 +469,11 @@ class BatchingGenerator:
             self._over(seq)
         self._planner.pending.extend(taken)
 
-    @staticmethod
-    def _cancelled(seq: _Sequence) -> bool:
-        """Its caller cancelled it, or its stream's reader left."""
-        return seq.abandoned or (seq.request.cancel is not None and seq.request.cancel.is_set())
-
-    def _gone(self, seq: _Sequence) -> bool:
-        return self._cancelled(seq) or time.perf_counter() > seq.deadline
-
     def _over(self, seq: _Sequence) -> bool:
         """Ends a request that was cancelled or ran out of time before it could start decoding."""
         if seq.delivered:
             return True
-        if self._cancelled(seq):
+        if seq.cancelled():
             seq.done = "cancelled"
         elif time.perf_counter() > seq.deadline:
             seq.done = "time"
@@ -540,30 +606,12 @@ class BatchingGenerator:
             if seq.done is not None:
                 continue
             try:
-                token = self._choose(seq, logits[row: row + 1])
+                token = seq.choose(logits[row: row + 1])
             except Exception as err:  # one request's settings or processors failing end that request only
                 log.exception("choosing a token failed")
                 self._fail(seq, err)
                 continue
-            seq.ids.append(token)
-            seq.generated.append(token)
-            if len(seq.generated) == 1:
-                seq.first_token_at = time.perf_counter()
             self._advance(seq, token)
-
-    def _choose(self, seq: _Sequence, scores: Any) -> int:
-        """The next token of one row: its processors, then greedy or its own sampler."""
-        import torch
-
-        if not seq.processors and seq.warpers is None:
-            return int(scores.argmax(dim=-1))
-        row_ids = torch.tensor([seq.ids], device=scores.device)
-        if seq.processors:
-            scores = seq.processors(row_ids, scores)
-        if seq.warpers is None:
-            return int(scores.argmax(dim=-1))
-        probs = torch.softmax(seq.warpers(row_ids, scores), dim=-1)
-        return int(torch.multinomial(probs, 1, generator=seq.sampler))
 
     def _forward_rows(self, a: int, b: int) -> Any:
         """Logits of the next token for rows ``a:b``; out of memory, the rows go in two halves."""
@@ -591,34 +639,10 @@ class BatchingGenerator:
             return torch.cat([self._forward_rows(a, mid), self._forward_rows(mid, b)])
 
     def _advance(self, seq: _Sequence, token: int) -> None:
-        """Text so far, stop strings, limits; streamed pieces released."""
-        tok = self.tokenizer
-        s = seq.request.settings
-        if token == tok.eos_token_id and not self.ignore_eos:
-            seq.done = "stop"
-        else:
-            seq.reply.add([token])  # type: ignore[union-attr]
-            seq.text = seq.reply.text  # type: ignore[union-attr]
-            if seq.reply.stopped:  # type: ignore[union-attr]
-                seq.done = "stop"
-        if seq.done is None:
-            if len(seq.generated) >= s.max_new_tokens:
-                seq.done = "length"
-            elif time.perf_counter() > seq.deadline:
-                seq.done = "time"
-            elif self._cancelled(seq):
-                seq.done = "cancelled"
-            elif len(seq.ids) >= self.context_size:
-                seq.done = "length"
-        if seq.pieces is not None:
-            self._release(seq)
+        """The row's next token is ``token``: recorded, and the reply finished when it ends."""
+        seq.take(token, eos=None if self.ignore_eos else self.tokenizer.eos_token_id, context_size=self.context_size)
         if seq.done is not None:
             self._finish(seq)
-
-    def _release(self, seq: _Sequence) -> None:
-        piece = seq.reply.release(final=seq.done is not None)  # type: ignore[union-attr]
-        if piece:
-            seq.pieces.put(("piece", piece))  # type: ignore[union-attr]
 
     def _finish(self, seq: _Sequence) -> None:
         if seq.delivered:
@@ -627,16 +651,7 @@ class BatchingGenerator:
         if seq.done == "stop" and sample_again(seq.text, seq.request.settings, seq.attempt):
             self._sample_again(seq)
             return
-        seq.delivered = True
-        reason = seq.done or "stop"
-        n_new = len(seq.generated)
-        result = GenerationResult(final_text(seq.text, reason, seq.request), seq.prompt_len, n_new,
-                                  "stop" if reason == "cancelled" else reason,  # type: ignore[arg-type]
-                                  time.perf_counter() - seq.started, tuple(seq.generated))
-        if seq.future is not None and not seq.future.done():
-            seq.future.set_result(result)
-        if seq.pieces is not None:
-            seq.pieces.put(("end", result))
+        seq.deliver()
 
     def _sample_again(self, seq: _Sequence) -> None:
         """A sampled reply that came out empty is sampled again with another seed, as
@@ -649,15 +664,9 @@ class BatchingGenerator:
         seq.delivered = True  # this try is over; its row leaves as usual
         self._planner.pending.appendleft(again)
 
-    def _fail(self, seq: _Sequence, err: BaseException) -> None:
-        if seq.delivered:
-            return
-        seq.delivered = True
-        seq.done = "error"
-        if seq.future is not None and not seq.future.done():
-            seq.future.set_exception(err)
-        if seq.pieces is not None:
-            seq.pieces.put(("error", err))
+    @staticmethod
+    def _fail(seq: _Sequence, err: BaseException) -> None:
+        seq.fail(err)
 
     def _leave(self) -> None:
         """Finished rows leave; their keys/values go to the prefix cache, and the last row takes their place."""
