@@ -59,6 +59,7 @@ from .generation import (
     settings_for_try,
 )
 from .kv_cache import KVBlock, PrefixCache, RowBatch
+from .model_runner import ModelRunner
 
 __all__ = ["BatchingGenerator", "PrefixCache"]
 
@@ -280,9 +281,6 @@ class BatchingGenerator:
         # The scheduler thread's state: the decoding rows (`_rows`, a `RowBatch`) and the
         # prompts being read, each into its own row of `_stage` (`_planner`).
         self._planner = PromptPlanner(max_batch, min(STAGE_ROWS, max_batch))
-        self._fit: int | None = None
-        """Rows a decode step ran with after running out of memory (None: all of them)."""
-        """Token ids a reply may not start with, within the model's vocabulary (found at the first step)."""
         # Allocated once, here, so that a `max_batch` too large for the device fails now.
         import torch
 
@@ -291,13 +289,11 @@ class BatchingGenerator:
         try:
             self._rows = RowBatch(KVBlock(self.model, max_batch, self.context_size + SPARE_COLUMNS))
             self._stage = KVBlock(self.model, min(STAGE_ROWS, max_batch), self.context_size)
-            self._packed = PackedStep(self.model) if packed and PackedStep.supports(self.model) else None
-            """GPT-2: each step runs the decoding rows and the prompt pieces in one pass (`gpt2_step`)."""
+            self.runner = ModelRunner(self.model, self._rows, self._stage, self.cache,
+                                      PackedStep(self.model) if packed and PackedStep.supports(self.model) else None)
         except (MemoryError, torch.OutOfMemoryError) as err:
             raise ChatbotError(f"no memory for the keys/values of `max_batch` {max_batch} replies of up to "
                                f"{self.context_size} tokens ({type(err).__name__}); lower `max_batch`") from None
-        self._unpacked = False
-        """Out of memory in a packed pass: prompts and rows go separately (and shrink) until the batch empties."""
         self._waiting: deque[_Sequence] = deque()
         """Submitted, not yet taken by the scheduler; at most `max_queue`. Guarded by `_lock`."""
         self._lock = threading.Lock()
@@ -305,9 +301,6 @@ class BatchingGenerator:
         self._closed = False
         self.steps = 0
         self.rows_stepped = 0
-        self.splits = 0
-        """Decode steps split in two because memory ran out."""
-        self.oom_retries = 0
         self._thread = threading.Thread(target=self._run, name="batch-scheduler", daemon=True)
         self._thread.start()
 
@@ -415,13 +408,13 @@ class BatchingGenerator:
         while not self._closed:
             self._admit()
             if not (self._batch or self._planner.waiting()):
-                self._unpacked = False
+                self.runner.batch_emptied()
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
             try:
                 with torch.inference_mode():
-                    if self._packed is not None and not self._unpacked:
+                    if self.runner.packing:
                         self._packed_step()
                     else:
                         self._read_prompts()
@@ -494,10 +487,10 @@ class BatchingGenerator:
         import torch
 
         while True:
-            plan = self._planner.plan(self.prefill_chunk, over=self._over, start=self._start_reading, place=self._place)
+            plan = self._plan()
             for seq, m in plan:
                 try:
-                    m = self._read_chunk(seq, m)
+                    m = self.runner.read_chunk(seq, m)
                 except torch.OutOfMemoryError as err:  # even one token at a time did not fit: this request fails
                     self._planner.staged.remove(seq)
                     self._fail(seq, err)
@@ -508,43 +501,9 @@ class BatchingGenerator:
             if self._batch or not plan:
                 return
 
-    def _start_reading(self, seq: _Sequence) -> None:
-        n, kv = self.cache.longest(seq.ids[:-1])
-        r = seq.stage_row
-        for layer, (k, v) in enumerate(kv or []):
-            self._stage.k[layer][r, :, :n] = k[0]
-            self._stage.v[layer][r, :, :n] = v[0]
-        seq.read = n
-
-    def _read_chunk(self, seq: _Sequence, m: int) -> int:
-        """Read up to ``m`` more prompt tokens into the staging row (fewer if memory runs out); how many were read."""
-        import torch
-
-        dev = self.model.device
-        while True:
-            try:
-                ids = torch.tensor([seq.ids[seq.read: seq.read + m]], device=dev)
-                positions = torch.arange(seq.read, seq.read + m, device=dev)[None]
-                # Only the last position's logits could matter, and none are used here: skipping the
-                # vocabulary projection saves about a quarter of a GPT-2 124M prompt read.
-                r = seq.stage_row
-                self.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1,
-                           past_key_values=self._stage.cache(slice(r, r + 1), 0, seq.read))
-                return m
-            except torch.OutOfMemoryError:
-                if m == 1:
-                    raise
-                self._after_oom()
-                m //= 2
-
-    def _after_oom(self) -> None:
-        import torch
-
-        self.oom_retries += 1
-        log.warning("out of memory: dropping the prefix cache and retrying with a smaller piece of work")
-        self.cache.clear()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    def _plan(self) -> list[tuple[_Sequence, int]]:
+        return self._planner.plan(self.prefill_chunk, over=self._over, start=self.runner.start_reading,
+                                  place=self._place)
 
     def _place(self, seq: _Sequence) -> None:
         """Move a read prompt into the batch."""
@@ -555,43 +514,28 @@ class BatchingGenerator:
         """Times every row's keys/values were moved (a long prompt joining, or compaction)."""
         return self._rows.moves
 
+    @property
+    def splits(self) -> int:
+        """Decode steps split in two because memory ran out."""
+        return self.runner.splits
+
+    @property
+    def oom_retries(self) -> int:
+        return self.runner.oom_retries
+
     def _step(self) -> None:
         """One token for every row of the batch."""
-        import torch
-
-        self._rows.make_room()
-        n = len(self._batch)
-        size = self._fit or n
-        logits = torch.cat([self._forward_rows(a, min(a + size, n)) for a in range(0, n, size)])
-        self._rows.end += 1
-        self._take(logits)
+        self._take(self.runner.decode(self._fail))
 
     def _packed_step(self) -> None:
         """GPT-2: one token for every row and the next pieces of the prompts being read, in one pass."""
-        import torch
-
-        from .gpt2_step import Piece
-
-        plan = self._planner.plan(self.prefill_chunk, over=self._over, start=self._start_reading, place=self._place)
+        plan = self._plan()
         n = len(self._batch)
         if not (plan or n):  # every waiting request was cancelled or out of time
             return
-        if n:
-            self._rows.make_room()
-        rows, stage = self._rows, self._stage
-        pieces = [Piece(seq.ids[seq.read: seq.read + m], seq.read, seq.stage_row) for seq, m in plan]
-        try:
-            logits = self._packed(rows.block.k, rows.block.v, [s.ids[-1] for s in self._batch],
-                                  [len(s.ids) - 1 for s in self._batch], rows.starts, rows.end,
-                                  stage_keys=stage.k, stage_values=stage.v, pieces=pieces)
-        except torch.OutOfMemoryError:
-            # Everything this pass wrote is written again by the retry: go the separate way (prompt
-            # pieces halved, rows split) until the batch empties.
-            self._after_oom()
-            self._unpacked = True
+        done, logits = self.runner.packed_pass(plan)
+        if not done:
             return
-        if n:
-            rows.end += 1
         for seq, m in plan:
             self._planner.read(seq, m, self._place)
         if logits is not None:
@@ -612,31 +556,6 @@ class BatchingGenerator:
                 self._fail(seq, err)
                 continue
             self._advance(seq, token)
-
-    def _forward_rows(self, a: int, b: int) -> Any:
-        """Logits of the next token for rows ``a:b``; out of memory, the rows go in two halves."""
-        import torch
-
-        dev = self.model.device
-        seqs, starts = self._batch[a:b], self._rows.starts[a:b]
-        try:
-            lo, end = min(starts), self._rows.end
-            ids = torch.tensor([[s.ids[-1]] for s in seqs], device=dev)
-            positions = torch.tensor([[len(s.ids) - 1] for s in seqs], device=dev)
-            columns = torch.arange(lo, end + 1, device=dev)
-            mask = (columns[None, :] >= torch.tensor(starts, device=dev)[:, None]).long()
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             past_key_values=self._rows.cache(a, b))
-            return out.logits[:, -1, :].float()
-        except torch.OutOfMemoryError as err:
-            if b - a == 1:  # one row alone does not fit: it fails, the others go on
-                self._fail(seqs[0], err)
-                return torch.zeros((1, self.model.get_output_embeddings().out_features), device=dev)
-            self._after_oom()
-            self.splits += 1
-            mid = (a + b) // 2
-            self._fit = mid - a  # later steps go in pieces that fit, until the batch empties
-            return torch.cat([self._forward_rows(a, mid), self._forward_rows(mid, b)])
 
     def _advance(self, seq: _Sequence, token: int) -> None:
         """The row's next token is ``token``: recorded, and the reply finished when it ends."""
@@ -680,8 +599,7 @@ class BatchingGenerator:
                 try:
                     self.cache.put(seq.ids[: rows.end - rows.starts[i]], rows.kept(i))
                 except torch.OutOfMemoryError:  # keeping it is only a saving for later
-                    self._after_oom()
+                    self.runner.after_oom()
             rows.remove(i)
         if not self._batch:
-            self._fit = None
-            self._unpacked = False
+            self.runner.batch_emptied()

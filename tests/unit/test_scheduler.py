@@ -29,7 +29,7 @@ PROMPTS = [
 def sched(roomy_gen, request):
     """Both ways of stepping: GPT-2's packed pass (`gpt2_step`), and the model's own forward for prompts and rows apart."""
     s = BatchingGenerator(roomy_gen, max_batch=8, packed=request.param)
-    assert (s._packed is not None) == request.param
+    assert (s.runner.packed is not None) == request.param
     yield s
     s.close()
 
@@ -51,7 +51,7 @@ def test_several_prompts_are_read_in_one_packed_pass_and_give_the_same_tokens(ro
     alone = [roomy_gen.generate([r])[0] for r in requests()]
     sched = BatchingGenerator(roomy_gen, max_batch=8)
     passes = []
-    real_pass, real_admit = sched._packed, sched._admit
+    real_pass, real_admit = sched.runner.packed, sched._admit
     go = threading.Event()
 
     def packed(*args, pieces=(), **kwargs):
@@ -62,7 +62,7 @@ def test_several_prompts_are_read_in_one_packed_pass_and_give_the_same_tokens(ro
         go.wait(30)  # every request is queued before the scheduler takes any
         real_admit()
 
-    monkeypatch.setattr(sched, "_packed", packed)
+    monkeypatch.setattr(sched.runner, "packed", packed)
     monkeypatch.setattr(sched, "_admit", admit)
     try:
         handles = [sched.submit(r) for r in requests()]
@@ -159,8 +159,8 @@ def test_a_model_failure_fails_the_requests_in_flight_and_the_next_one_succeeds(
         return run
 
     monkeypatch.setattr(roomy_gen.model, "forward", failing_once(roomy_gen.model.forward))
-    if sched._packed is not None:
-        monkeypatch.setattr(sched, "_packed", failing_once(sched._packed))
+    if sched.runner.packed is not None:
+        monkeypatch.setattr(sched.runner, "packed", failing_once(sched.runner.packed))
     with pytest.raises(RuntimeError, match="out of memory"):
         sched.generate([GenerationRequest(PROMPTS[0], GREEDY, STOPS)])
     assert sched.generate([GenerationRequest(PROMPTS[0], GREEDY, STOPS)])[0].completion_tokens > 0
