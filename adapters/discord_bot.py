@@ -42,10 +42,9 @@ from discord import app_commands
 from discord.ext import commands
 
 from chatbot.config import Settings
-from chatbot.engine import ChatEngine
-from chatbot.errors import EngineBusy, GenerationFailed, InputRejected
-from chatbot.errors import ChatbotError
 from chatbot.decoding import PRESETS
+from chatbot.engine import ChatEngine
+from chatbot.errors import ChatbotError, EngineBusy, GenerationFailed, InputRejected
 from chatbot.memory import export_json
 from chatbot.safety import skeleton
 

@@ -19,19 +19,26 @@ from typing import Any
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, BaseLLM, LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, Generation, GenerationChunk, LLMResult
+from langchain_core.outputs import (
+    ChatGeneration,
+    ChatGenerationChunk,
+    ChatResult,
+    Generation,
+    GenerationChunk,
+    LLMResult,
+)
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from adapters.langchain_history import ChatbotMessageHistory, message_role, message_text
 from chatbot.config import Settings
 from chatbot.conversation import Turn, plan_prompt
+from chatbot.decoding import ENGINE_ONLY, GENERATION_FIELDS, DecodingSettings, compose, seeded_for
 from chatbot.engine import iterate_in_thread
 from chatbot.errors import ChatbotError
-from chatbot.decoding import ENGINE_ONLY, GENERATION_FIELDS, DecodingSettings, compose, seeded_for
 from chatbot.generation import GenerationRequest, GenerationResult, prompt_budget, resolve_model
 from chatbot.memory import MAX_TURN_CHARS
-from chatbot.reply_policy import ReplyPolicy
 from chatbot.prompting import clean_speaker, get_persona
+from chatbot.reply_policy import ReplyPolicy
 from chatbot.safety import (
     break_special_tokens,
     neutralise_speaker_tags,

@@ -14,8 +14,8 @@ from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from .errors import ChatbotError, read_toml, settings_error_message
 from .decoding import PRESETS, DecodingOverrides, DecodingSettings, compose
+from .errors import ChatbotError, read_toml, settings_error_message
 from .memory import MAX_TURN_CHARS
 from .prompting import PROMPTS_DIR
 

@@ -26,8 +26,8 @@ from typing import Any, TypeVar
 
 from .config import Settings
 from .conversation import Turn, Window, check_author, check_conversation_id, plan_prompt
-from .errors import ChatbotError, EngineBusy, GenerationFailed, InputRejected
 from .decoding import DecodingSettings, compose, get_preset, seeded_for
+from .errors import ChatbotError, EngineBusy, GenerationFailed, InputRejected
 from .generation import GenerationRequest, Generator, prompt_budget
 from .memory import MemoryStore, check_author_key, open_store
 from .prompting import Persona, clean_speaker, get_persona, list_personas

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Protocol, Sequence
 
-
 from .decoding import DecodingSettings, logits_pipeline
 from .errors import ChatbotError, ModelNotFoundError
 from .prompting import clean_text, cut_at_stop, format_name_for_model, make_format

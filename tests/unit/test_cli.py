@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from bot import FACES, main
 from adapters.cli import build_parser
+from bot import FACES, main
 
 BOT = Path(__file__).resolve().parents[2] / "bot.py"
 

@@ -20,9 +20,9 @@ from discord.ext import commands
 
 from adapters.discord_bot import (
     ChannelThrottle,
-    LiveReply,
     ChatBot,
     ChatCog,
+    LiveReply,
     ShardedChatBot,
     make_bot,
     run_discord,

@@ -1,15 +1,15 @@
 import pytest
 
-from chatbot.errors import ChatbotError, ModelNotFoundError
 from chatbot.decoding import (
     PRESETS,
     REPETITION_OFF,
-    apply_overrides,
     DecodingOverrides,
     DecodingSettings,
+    apply_overrides,
     make_decoding_settings,
     make_overrides,
 )
+from chatbot.errors import ChatbotError, ModelNotFoundError
 from chatbot.generation import GenerationRequest, LocalGenerator, load_model
 
 # Greedy with every repetition control off: the tiny model's bare, deterministic output.

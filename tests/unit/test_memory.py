@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from chatbot.conversation import check_conversation_id
-from chatbot.errors import InvalidConversationId
-from chatbot.errors import ChatbotError
+from chatbot.errors import ChatbotError, InvalidConversationId
 from chatbot.memory import MAX_TURN_CHARS, InMemoryStore, SQLiteMemoryStore, export_json
 
 ROOT = Path(__file__).resolve().parents[2]

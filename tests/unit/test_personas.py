@@ -1,7 +1,7 @@
 import pytest
 
-from chatbot.errors import ChatbotError
 from chatbot.decoding import PRESETS, get_preset
+from chatbot.errors import ChatbotError
 from chatbot.prompting import TranscriptFormat, get_persona, list_personas, load_persona
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from chatbot.decoding import DecodingSettings
-from chatbot.generation import GenerationRequest
 from chatbot.errors import GeneratorBusy
+from chatbot.generation import GenerationRequest
 from chatbot.kv_cache import PrefixCache
 from chatbot.scheduler import BatchingGenerator
 
