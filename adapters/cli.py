@@ -243,7 +243,7 @@ def build_parser(faces: Sequence[FaceCommand] = ()) -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from chatbot.training import make_train_options, train
+    from chatbot.tools.training import make_train_options, train
 
     opts = make_train_options(
         data=args.data, output=args.output, base_model=args.base_model, vocab_size=args.vocab_size,
@@ -257,7 +257,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not progress:
         # Without a progress bar (output to a file or pipe), the periodic validation
         # lines are how a long run shows it is alive.
-        logging.getLogger("chatbot.training").setLevel(logging.INFO)
+        logging.getLogger("chatbot.tools.training").setLevel(logging.INFO)
     report = train(opts, resume=args.resume, overwrite=args.overwrite, allow_download=args.allow_download,
                    progress=progress)
     print(f"wrote {report.output}")
@@ -268,7 +268,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from chatbot.training import evaluate
+    from chatbot.tools.training import evaluate
 
     config = settings_from_args(args)
     settings = _decoding(args, config)
@@ -319,7 +319,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from chatbot.bench import BenchOptions, format_report, report_json, run_bench
+    from chatbot.tools.bench import BenchOptions, format_report, report_json, run_bench
 
     options = BenchOptions(model=args.model, conversations=args.conversations, turns=args.turns,
                            min_history=args.min_history, max_history=args.max_history, min_reply=args.min_reply,
@@ -339,7 +339,7 @@ def cmd_selfchat(args: argparse.Namespace) -> int:
 
     from chatbot.config import Settings
     from chatbot.engine import ChatEngine
-    from chatbot.selfchat import arms, format_table, run_arm, sample_lines
+    from chatbot.tools.selfchat import arms, format_table, run_arm, sample_lines
 
     if args.conversations < 1 or args.turns < 1:
         raise ChatbotError("`--conversations` and `--turns` must be at least 1")
@@ -382,9 +382,9 @@ def cmd_lab(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from chatbot.config import Settings
-    from chatbot.lab import load_generators, prepare, run_lab
-    from chatbot.lab_html import render_html
-    from chatbot.lab_report import (
+    from chatbot.tools.lab import load_generators, prepare, run_lab
+    from chatbot.tools.lab_html import render_html
+    from chatbot.tools.lab_report import (
         check_baseline,
         check_out_dir,
         compare,

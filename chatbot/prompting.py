@@ -1,6 +1,6 @@
 """Prompt formats: the one place that decides how a dialogue becomes model text.
 
-Training (`chatbot.training`) renders every corpus conversation through the same
+Training (`chatbot.tools.training`) renders every corpus conversation through the same
 `PromptFormat` that the chat path uses to build prompts, so the two cannot drift apart.
 
 Two formats exist:

@@ -32,7 +32,7 @@ def dialogue_jsonl(path, copies: int = 1) -> None:
 def tiny_tokenizer(tmp_path_factory):
     """A sentencepiece tokenizer trained by the project's own code on a small corpus."""
     from chatbot.prompting import TranscriptFormat
-    from chatbot.training import EOS_TOKEN, load_jsonl, render, train_tokenizer
+    from chatbot.tools.training import EOS_TOKEN, load_jsonl, render, train_tokenizer
 
     path = tmp_path_factory.mktemp("corpus") / "d.jsonl"
     dialogue_jsonl(path, copies=30)

@@ -4,7 +4,7 @@ import pytest
 
 from chatbot.errors import CorpusError
 from chatbot.prompting import Utterance
-from chatbot.training import (
+from chatbot.tools.training import (
     EOS_TOKEN,
     Conversation,
     clean_conversations,

@@ -12,8 +12,8 @@ import pytest
 
 from adapters.cli import main
 from chatbot.config import Settings
-from chatbot.lab import prepare, turn_seed
-from chatbot.lab_report import VOLATILE
+from chatbot.tools.lab import prepare, turn_seed
+from chatbot.tools.lab_report import VOLATILE
 
 from ..conftest import save_tiny_gpt2
 
@@ -220,7 +220,7 @@ def test_a_baseline_shows_what_a_persona_edit_changed(lab_run, lab_env, capsys):
 
 
 def test_a_baseline_of_another_scenario_that_shares_cells_is_compared_with_a_note(lab_run, tmp_path):
-    from chatbot.lab_report import compare, load_baseline
+    from chatbot.tools.lab_report import compare, load_baseline
 
     doc = json.loads((lab_run["out"] / "results.json").read_text(encoding="utf-8"))
     other = json.loads(json.dumps(doc))
@@ -391,8 +391,8 @@ def _hostile(value):
 def test_text_from_scenarios_personas_and_replies_is_escaped_in_the_report_and_quoted_in_the_csv(lab_run):
     import html.parser
 
-    from chatbot.lab_html import render_html
-    from chatbot.lab_report import compare, csv_text
+    from chatbot.tools.lab_html import render_html
+    from chatbot.tools.lab_report import compare, csv_text
 
     doc = _hostile(json.loads((lab_run["out"] / "results.json").read_text(encoding="utf-8")))
     page = render_html(doc, compare(doc, {**doc, "_path": "base" + HOSTILE}))
@@ -423,7 +423,7 @@ def test_text_from_scenarios_personas_and_replies_is_escaped_in_the_report_and_q
 
 def test_the_three_files_are_replaced_together_or_not_at_all(lab_run, tmp_path):
     from chatbot.errors import ChatbotError
-    from chatbot.lab_report import write_outputs
+    from chatbot.tools.lab_report import write_outputs
 
     doc = json.loads((lab_run["out"] / "results.json").read_text(encoding="utf-8"))
     out = tmp_path / "out"

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from chatbot.lab_metrics import (
+from chatbot.tools.lab_metrics import (
     LabTurn,
     cell_metrics,
     distinct,

@@ -200,7 +200,7 @@ async def test_the_engine_answers_several_conversations_through_one_batch(roomy_
 
 
 def test_the_benchmark_gives_both_arms_the_same_work(tmp_path, tiny_tokenizer, capsys):
-    from chatbot.bench import BenchOptions, format_report, run_bench
+    from chatbot.tools.bench import BenchOptions, format_report, run_bench
 
     from ..conftest import save_tiny_gpt2
 
@@ -216,7 +216,7 @@ def test_the_benchmark_gives_both_arms_the_same_work(tmp_path, tiny_tokenizer, c
 
 
 def test_bench_options_are_checked():
-    from chatbot.bench import BenchOptions
+    from chatbot.tools.bench import BenchOptions
     from chatbot.errors import ChatbotError
 
     with pytest.raises(ChatbotError, match="mode"):

@@ -1,6 +1,6 @@
 from transformers import AutoTokenizer
 
-from chatbot.training import EOS_TOKEN
+from chatbot.tools.training import EOS_TOKEN
 
 
 def test_round_trip(tiny_tokenizer):

@@ -5,10 +5,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import chatbot.training as training
+import chatbot.tools.training as training
 from chatbot.errors import ChatbotError, CorpusError
 from chatbot.generation import LocalGenerator
-from chatbot.training import make_train_options, train
+from chatbot.tools.training import make_train_options, train
 
 from ..conftest import dialogue_jsonl
 
@@ -179,7 +179,7 @@ def test_overwrite_refuses_a_directory_it_did_not_write(tmp_path):
 
 
 def test_evaluate_rebuilds_the_validation_split(tmp_path):
-    from chatbot.training import evaluate
+    from chatbot.tools.training import evaluate
 
     report = train(tiny_options(tmp_path, max_steps=20, eval_every=10), progress=False)
     from chatbot.decoding import DecodingSettings

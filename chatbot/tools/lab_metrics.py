@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .repetition import distinct_n, is_repeat, normalize_for_comparison
+from ..repetition import distinct_n, is_repeat, normalize_for_comparison
 
 __all__ = [
     "REPEAT_THRESHOLD",

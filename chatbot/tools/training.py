@@ -30,10 +30,10 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .decoding import DecodingSettings
-from .errors import ChatbotError, CorpusError, settings_error_message
-from .generation import GenerationRequest, LocalGenerator, load_model, pick_device, resolve_model
-from .prompting import PromptFormat, Utterance, clean_speaker, clean_text, format_name_for_model, make_format
+from ..decoding import DecodingSettings
+from ..errors import ChatbotError, CorpusError, settings_error_message
+from ..generation import GenerationRequest, LocalGenerator, load_model, pick_device, resolve_model
+from ..prompting import PromptFormat, Utterance, clean_speaker, clean_text, format_name_for_model, make_format
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from .errors import ChatbotError
+from ..errors import ChatbotError
 
 __all__ = ["BenchOptions", "Workload", "make_workload", "run_bench", "format_report"]
 
@@ -99,7 +99,7 @@ def _load(options: BenchOptions) -> Any:
     """The model and tokenizer the benchmark runs on, as a `LocalGenerator`."""
     import torch
 
-    from .generation import LocalGenerator, load_model
+    from ..generation import LocalGenerator, load_model
 
     if options.model:
         return LocalGenerator.from_pretrained(options.model, device=options.device)
@@ -248,9 +248,9 @@ def _naive_arm(options: BenchOptions, workload: Workload) -> dict[str, Any]:
 
 def _batched_arm(options: BenchOptions, workload: Workload) -> dict[str, Any]:
     """The engine's generator: requests from all conversations batched, prefixes reused."""
-    from .decoding import DecodingSettings
-    from .generation import GenerationRequest
-    from .scheduler import BatchingGenerator
+    from ..decoding import DecodingSettings
+    from ..generation import GenerationRequest
+    from ..scheduler import BatchingGenerator
 
     gen = _load(options)
     sched = BatchingGenerator(gen, max_batch=options.max_batch, max_queue=max(64, len(workload.messages)),
@@ -377,10 +377,10 @@ def _call(target: str, options: dict[str, Any], workload: Workload | None) -> di
 
 
 def run_bench(options: BenchOptions, *, separate_processes: bool = True) -> dict[str, Any]:
-    from .generation import load_model
+    from ..generation import load_model
 
     if options.model:
-        from .generation import LocalGenerator
+        from ..generation import LocalGenerator
 
         gen = LocalGenerator.from_pretrained(options.model, device="cpu")
         tokenizer, context = gen.tokenizer, gen.context_size

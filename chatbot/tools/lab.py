@@ -33,12 +33,12 @@ from pydantic import (
     model_validator,
 )
 
-from .decoding import PRESETS, DecodingOverrides, DecodingSettings, compose, derive_seed
-from .errors import ChatbotError, read_text, read_toml, settings_error_message
-from .generation import resolve_model
+from ..decoding import PRESETS, DecodingOverrides, DecodingSettings, compose, derive_seed
+from ..errors import ChatbotError, read_text, read_toml, settings_error_message
+from ..generation import resolve_model
 from .lab_metrics import LabTurn, cell_metrics, reply_nll
-from .prompting import Persona, PersonaExample, check_speaker, get_persona, load_persona
-from .safety import sanitize_input, skeleton
+from ..prompting import Persona, PersonaExample, check_speaker, get_persona, load_persona
+from ..safety import sanitize_input, skeleton
 
 __all__ = ["Scenario", "LabCell", "LabRun", "load_scenario", "prepare", "load_generators", "run_lab", "turn_seed",
            "DEFAULT_PRESET"]
@@ -523,7 +523,7 @@ def _check_against_model(plan: LabPlan, label: str, generator: Any) -> None:
 
 def load_generators(plan: LabPlan, *, device: str = "auto", allow_download: bool = False) -> dict[str, Any]:
     """Every model of the grid, loaded and checked before any cell runs."""
-    from .generation import LocalGenerator
+    from ..generation import LocalGenerator
 
     loaded = {}
     for label, source in plan.models.items():
@@ -539,8 +539,8 @@ def load_generators(plan: LabPlan, *, device: str = "auto", allow_download: bool
 
 async def _run_cell(plan: LabPlan, cell: LabCell, generator: Any, prompts_dir: Path,
                     progress: Callable[[str], None] | None) -> CellResult:
-    from .engine import ChatEngine
-    from .memory import InMemoryStore
+    from ..engine import ChatEngine
+    from ..memory import InMemoryStore
 
     scenario = plan.scenario
     recorder = _Recorder(generator)
@@ -620,8 +620,8 @@ def run_lab(plan: LabPlan, generators: dict[str, Any], *, progress: Callable[[st
 
 
 def _warm_up(generator: Any) -> None:
-    from .generation import GenerationRequest
-    from .safety import ToxicityFilter
+    from ..generation import GenerationRequest
+    from ..safety import ToxicityFilter
 
     generator.generate([GenerationRequest("User: hi\nBot:", DecodingSettings(max_new_tokens=4, seed=0), ("\n",))])
     ToxicityFilter().check("warm up")  # its classifier loads on first use (about a second)

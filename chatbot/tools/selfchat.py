@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .decoding import REPETITION_OFF
-from .repetition import distinct_n, normalize_for_comparison, repeated_turn_rate
+from ..decoding import REPETITION_OFF
+from ..repetition import distinct_n, normalize_for_comparison, repeated_turn_rate
 
 PARTNER_LINES = (
     "hi! how are you doing today?", "what do you like to do for fun?", "do you have any pets?",

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from .errors import ChatbotError, read_text
+from ..errors import ChatbotError, read_text
 from .lab_metrics import METRICS, SAFETY_KINDS
 
 __all__ = ["FORMAT", "results_document", "csv_text", "write_outputs", "check_out_dir", "load_baseline",
