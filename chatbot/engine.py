@@ -26,11 +26,12 @@ from typing import Any, TypeVar
 
 from .config import Settings
 from .conversation import Turn, Window, check_author, check_conversation_id, plan_prompt
-from .decoding import DecodingSettings, compose, get_preset, seeded_for
+from .decoding import DecodingSettings, get_preset, seeded_for
 from .errors import ChatbotError, EngineBusy, GenerationFailed, InputRejected
 from .generation import GenerationRequest, Generator, prompt_budget
 from .memory import MemoryStore, check_author_key, open_store
-from .prompting import Persona, clean_speaker, get_persona, list_personas
+from .personas import PersonaBook
+from .prompting import Persona, get_persona
 from .reply_policy import Outcome, RepeatCheck, ReplyPolicy
 from .safety import (
     FilterContext,
@@ -39,7 +40,6 @@ from .safety import (
     neutralise_speaker_tags,
     output_chain,
     sanitize_input,
-    skeleton,
 )
 
 __all__ = ["ChatEngine", "Reply", "ReplyStream", "iterate_in_thread"]
@@ -199,8 +199,9 @@ class ChatEngine:
         self.generator = generator
         self.store = store
         self.settings = settings or Settings()
-        self._personas: dict[str, Persona] = {}
-        self.default_persona = self.persona(self.settings.persona)  # fail now, not at the first message
+        self.book = PersonaBook(self.settings.prompts_dir, self.settings.persona, self.settings.preset,
+                                self.settings.decoding)
+        self.default_persona = self.book.default
         self._locks = _ConversationLocks(self.settings.max_waiting_per_conversation)
         # Model calls run on worker threads, so the event loop stays free. A plain generator
         # gets one (replies take turns on the model); a batching one gets a thread per request
@@ -217,15 +218,12 @@ class ChatEngine:
                                           block_toxic=st.block_toxic_output, toxicity=toxicity)
         self.input_filter = toxicity if st.abusive_input == "refuse" else None
         self.policy = ReplyPolicy(self.output_filter, st.unsafe_retries)
-        self._bad_persona_files: set[str] = set()
-        self._persona_speakers = {p.speaker for p in self.personas().values()} | {self.default_persona.speaker}
-        self._bot_skeletons = {skeleton(s) for s in self._persona_speakers}
         tokenizer = getattr(generator, "tokenizer", None)
         self._special_tokens = tuple(getattr(tokenizer, "all_special_tokens", ())) or (
             getattr(generator.format, "eos_token", "<|endoftext|>"),)
         # A reply budget that leaves the default persona no room would fail every message: fail now.
         preset = self.settings.preset or self.default_persona.preset
-        self._planner(self.default_persona, self._decoding(self.default_persona, preset, None))([])
+        self._planner(self.default_persona, self.book.decoding(self.default_persona, preset, None))([])
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> "ChatEngine":
@@ -250,39 +248,17 @@ class ChatEngine:
 
     def persona(self, name: str) -> Persona:
         """A persona by file name (cached after the first read)."""
-        if name not in self._personas:
-            self._personas[name] = get_persona(name, self.settings.prompts_dir)
-        return self._personas[name]
+        return self.book.get(name)
 
     def personas(self) -> dict[str, Persona]:
-        """Every persona available, by name. A malformed file is left out, so one broken file
-        does not stop the bot or its persona list; it is logged once, and choosing it is an error
-        that names the mistake."""
-        def warn_once(err: ChatbotError) -> None:
-            if str(err) not in self._bad_persona_files:
-                self._bad_persona_files.add(str(err))
-                log.warning("%s", err)
-
-        found = list_personas(self.settings.prompts_dir, on_error=warn_once)
-        self._personas.update(found)
-        return found
+        """Every persona available, by name (`PersonaBook.all`: a malformed file is left out and logged once)."""
+        return self.book.all()
 
     async def choices(self, conversation_id: str) -> tuple[Persona, str]:
         """The persona and decoding preset this conversation uses now."""
         check_conversation_id(conversation_id)
         options = await self.store.get_options(conversation_id)
-        return self._resolve(options)
-
-    def _resolve(self, options: dict[str, str], persona: str | None = None,
-                 preset: str | None = None) -> tuple[Persona, str]:
-        chosen = self.persona(persona or options.get("persona") or self.settings.persona)
-        preset_name = preset or options.get("preset") or self.settings.preset or chosen.preset
-        get_preset(preset_name)
-        return chosen, preset_name
-
-    def _decoding(self, persona: Persona, preset: str, overrides: Any) -> DecodingSettings:
-        """The preset, then the persona's decoding table, then the settings', then this call's."""
-        return compose(preset, persona.decoding, self.settings.decoding, overrides)
+        return self.book.resolve(options)
 
     async def set_persona(self, conversation_id: str, name: str | None) -> Persona:
         """Choose this conversation's persona (kept across restarts); None goes back to the default."""
@@ -340,7 +316,7 @@ class ChatEngine:
         text = self._check_message(conversation_id, author, text, author_key, role=role)
         async with self._locks.hold(conversation_id):
             options = await self.store.get_options(conversation_id)
-            chosen, _ = self._resolve(options)
+            chosen, _ = self.book.resolve(options)
             earlier = await self.store.newest(conversation_id, max(unless_within, self.settings.max_history_turns))
             if role == "bot":
                 author, author_key = chosen.speaker, None
@@ -353,7 +329,7 @@ class ChatEngine:
 
     def _speakers(self, earlier: list[Turn], chosen: Persona, author: str) -> set[str]:
         """Every name that may start a turn in this conversation's prompt."""
-        return {t.author for t in earlier} | self._persona_speakers | {EXAMPLE_USER, chosen.speaker, author}
+        return {t.author for t in earlier} | self.book.speakers | {EXAMPLE_USER, chosen.speaker, author}
 
     async def export(self, conversation_id: str) -> dict[str, Any]:
         return await self.store.export(check_conversation_id(conversation_id))
@@ -459,8 +435,8 @@ class ChatEngine:
             return None
         log.info("%s: refused an abusive message (%s)", conversation_id, "; ".join(verdict.reasons))
         options = await self.store.get_options(conversation_id)
-        chosen, preset_name = self._resolve(options, persona, preset)
-        settings = self._decoding(chosen, preset_name, decoding)
+        chosen, preset_name = self.book.resolve(options, persona, preset)
+        settings = self.book.decoding(chosen, preset_name, decoding)
         return Reply(text=self.settings.refusal_reply, conversation_id=conversation_id, persona=chosen.name,
                      speaker=chosen.speaker, finish_reason="refused", prompt_tokens=0, reply_tokens=0,
                      window_turns=0, dropped_turn_ids=(), cut_turn_ids=(), user_turn_id=None, bot_turn_id=None,
@@ -545,14 +521,8 @@ class ChatEngine:
                                 "the message was kept, try again")
 
     def check_author(self, author: str) -> str:
-        """``author`` if a person may speak under that name here; `InputRejected` when it is one of
-        the bot's own speaker names ("Sam", "sam:", "S.a.m"), whose lines would read as the bot's turns."""
-        check_author(author)
-        if skeleton(clean_speaker(author)) in self._bot_skeletons:
-            taken = ", ".join(sorted(self._persona_speakers))
-            raise InputRejected(f"the name {author!r} is taken by the bot ({taken}): a person's lines under it "
-                                "would read as the bot's own; use another name")
-        return author
+        """``author`` if a person may speak under that name here (`PersonaBook.check_author`)."""
+        return self.book.check_author(author)
 
     def _check_message(self, conversation_id: str, author: str, text: str, author_key: str | None = None, *,
                        role: str = "user") -> str:
@@ -585,8 +555,8 @@ class ChatEngine:
         """Everything up to the generator: choices checked first, then the user turn stored, then the window."""
         await self._maybe_expire()
         options = await self.store.get_options(conversation_id)
-        chosen, preset_name = self._resolve(options, persona, preset)
-        settings = self._decoding(chosen, preset_name, decoding)
+        chosen, preset_name = self.book.resolve(options, persona, preset)
+        settings = self.book.decoding(chosen, preset_name, decoding)
         plan = self._planner(chosen, settings)
         # The persona alone must fit the window: checked before the user's turn is stored.
         await asyncio.to_thread(plan, [])
