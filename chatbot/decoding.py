@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .errors import ChatbotError, settings_error_message
 
 __all__ = ["DecodingSettings", "DecodingOverrides", "PRESETS", "REPETITION_OFF", "ENGINE_ONLY", "GENERATION_FIELDS",
-           "apply_overrides", "compose", "derive_seed", "get_preset", "logits_pipeline", "make_decoding_settings",
+           "apply_overrides", "check_preset", "compose", "derive_seed", "get_preset", "logits_pipeline", "make_decoding_settings",
            "make_overrides", "seeded_for"]
 
 
@@ -145,6 +145,13 @@ def seeded_for(settings: DecodingSettings, *where: object) -> DecodingSettings:
     if settings.seed is None:
         return settings
     return settings.model_copy(update={"seed": derive_seed(settings.seed, *where)})
+
+
+def check_preset(name: str) -> str:
+    """``name`` if it is a preset (a validator's check, as persona files and lab scenarios name one), else ValueError."""
+    if name not in PRESETS:
+        raise ValueError(f"must be one of {', '.join(PRESETS)}")
+    return name
 
 
 def get_preset(name: str) -> DecodingSettings:

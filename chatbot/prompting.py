@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .decoding import PRESETS, make_overrides
+from .decoding import check_preset, make_overrides
 from .errors import ChatbotError, read_toml, settings_error_message
 
 __all__ = [
@@ -219,7 +219,7 @@ class Persona(BaseModel):
     description: str = Field("", max_length=1000)
     """One or two sentences pinned at the top of every prompt."""
     preset: str = "balanced"
-    """Default decoding preset (see `chatbot.generation.PRESETS`)."""
+    """Default decoding preset (see `chatbot.decoding.PRESETS`)."""
     examples: tuple[PersonaExample, ...] = ()
     """Example exchanges pinned after the description."""
     decoding: dict[str, Any] = Field(default_factory=dict)
@@ -242,9 +242,7 @@ class Persona(BaseModel):
     @field_validator("preset")
     @classmethod
     def _preset(cls, value: str) -> str:
-        if value not in PRESETS:
-            raise ValueError(f"must be one of {', '.join(PRESETS)}")
-        return value
+        return check_preset(value)
 
     def example_turns(self, user: str = "User") -> list[Utterance]:
         """The example exchanges as turns, with ``user`` as the other speaker."""

@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from ..decoding import PRESETS, DecodingOverrides, DecodingSettings, compose, derive_seed
+from ..decoding import PRESETS, DecodingOverrides, DecodingSettings, check_preset, compose, derive_seed
 from ..errors import ChatbotError, read_text, read_toml, settings_error_message
 from ..generation import resolve_model
 from .lab_metrics import LabTurn, cell_metrics, reply_nll
@@ -113,9 +113,7 @@ class ScenarioPreset(DecodingOverrides):  # type: ignore[misc, valid-type]
     @field_validator("base")
     @classmethod
     def _base(cls, value: str) -> str:
-        if value not in PRESETS:
-            raise ValueError(f"must be one of {', '.join(PRESETS)}")
-        return value
+        return check_preset(value)
 
     @field_validator("seed")
     @classmethod
