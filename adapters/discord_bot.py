@@ -10,13 +10,13 @@ What it adds to the engine, and only that:
   prompt names people by display name, memory keys their turns by user id
   (``discord:user:<id>``) so `/forget-me` and `/export` find them after a rename;
 - manners: typing while it works, replies streamed by editing its message no more than
-  once per `discord_edit_interval` in each channel, long replies split at clean places,
+  once per `edit_interval` in each channel, long replies split at clean places,
   a per-user cooldown and a bound on waiting replies (each with a short note rather than
   silence), a time limit, and no pings ever (`AllowedMentions.none()` on the client and
   on every send, on top of the engine's own mention filter);
 - slash commands: /reset, /persona, /style, /forget-me, /export;
 - a clean stop: no new messages, replies in progress finish (or are cancelled after
-  `discord_shutdown_grace`), memory is closed, then the client.
+  `shutdown_grace`), memory is closed, then the client.
 
 The engine is injected: `make_bot(engine, settings)` builds the client, which loads
 `adapters.discord_extension` (whose ``setup`` adds this cog with the client's engine). The model never runs on the
@@ -48,6 +48,7 @@ from chatbot.errors import ChatbotError, EngineBusy, GenerationFailed, InputReje
 from chatbot.memory import export_json
 from chatbot.safety import skeleton
 
+from .discord_settings import NO_TOKEN, DiscordSettings
 from .discord_text import split_message
 
 __all__ = ["ChatCog", "ChatBot", "ShardedChatBot", "make_bot", "run_discord", "conversation_id_for",
@@ -268,17 +269,17 @@ class LiveReply:
 class ChatCog(commands.Cog, name="Chat"):
     """Answers messages through the engine, and the slash commands that manage memory."""
 
-    def __init__(self, bot: commands.Bot, engine: ChatEngine, settings: Settings | None = None, *,
+    def __init__(self, bot: commands.Bot, engine: ChatEngine, settings: DiscordSettings | None = None, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.bot = bot
         self.engine = engine
-        self.settings = settings or engine.settings
+        self.settings = settings or engine.settings.section(DiscordSettings)
         st = self.settings
-        self.channels = frozenset(st.discord_channels)
-        self.throttle = ChannelThrottle(st.discord_edit_interval, clock)
+        self.channels = frozenset(st.channels)
+        self.throttle = ChannelThrottle(st.edit_interval, clock)
         # discord.py's own cooldown buckets (keyed by author id), used outside a command.
         self.cooldown = commands.CooldownMapping.from_cooldown(
-            st.discord_cooldown_messages, st.discord_cooldown_seconds, commands.BucketType.user)
+            st.cooldown_messages, st.cooldown_seconds, commands.BucketType.user)
         self._warned: dict[int, float] = {}
         self._clock = clock
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -340,8 +341,8 @@ class ChatCog(commands.Cog, name="Chat"):
         if retry_after:
             await self._cooldown_note(message, retry_after)
             return
-        if len(self._tasks) > self.settings.discord_max_pending:
-            await self._note(message, self.settings.discord_busy_reply)
+        if len(self._tasks) > self.settings.max_pending:
+            await self._note(message, self.settings.busy_reply)
             return
         conversation_id = conversation_id_for(message.channel, message.author)
         author = speaker_name(message.author, self._reserved)
@@ -350,15 +351,15 @@ class ChatCog(commands.Cog, name="Chat"):
         live = LiveReply(message, self.throttle, on_first_write=typing.cancel)
         final: str | None = None
         try:
-            async with asyncio.timeout(self.settings.discord_reply_timeout):
+            async with asyncio.timeout(self.settings.reply_timeout):
                 if replied is not None:
                     await self._remember_replied(replied, conversation_id)
-                if self.settings.discord_stream:
+                if self.settings.stream:
                     final = await self._stream(live, conversation_id, author, key, text)
                 else:
                     final = (await self.engine.respond(conversation_id, author, text, author_key=key)).text
         except TimeoutError:
-            log.warning("%s: reply timed out after %g s", conversation_id, self.settings.discord_reply_timeout)
+            log.warning("%s: reply timed out after %g s", conversation_id, self.settings.reply_timeout)
             final = await self._cut_short(live, message, "out of time", "Sorry, that took me too long. "
                                                                         "Try again in a moment?")
         except asyncio.CancelledError:
@@ -369,7 +370,7 @@ class ChatCog(commands.Cog, name="Chat"):
                     await asyncio.wait_for(live.finish(f"{live.text} …(interrupted)", wait=False), 5)
             raise
         except EngineBusy:
-            final = await self._cut_short(live, message, "busy", self.settings.discord_busy_reply)
+            final = await self._cut_short(live, message, "busy", self.settings.busy_reply)
         except InputRejected as err:
             await self._note(message, f"I can't take that message: {err}.")
         except GenerationFailed:
@@ -440,13 +441,13 @@ class ChatCog(commands.Cog, name="Chat"):
             return
         self._warned = {k: v for k, v in self._warned.items() if v > now}
         self._warned[message.author.id] = now + retry_after
-        await self._note(message, f"{self.settings.discord_cooldown_reply} (try again in {retry_after:.0f} s)")
+        await self._note(message, f"{self.settings.cooldown_reply} (try again in {retry_after:.0f} s)")
 
     # ------------------------------------------------------------------ shutdown
 
     async def cog_unload(self) -> None:
         # Also reached when a client that loaded the extension itself closes.
-        await self.drain(self.settings.discord_shutdown_grace)
+        await self.drain(self.settings.shutdown_grace)
 
     async def drain(self, grace: float) -> None:
         """Stop taking messages; let replies in progress finish for ``grace`` seconds, then cancel them."""
@@ -593,9 +594,9 @@ class _ChatClient:
     """What both client classes share: the engine, the extension, no prefix commands, a clean stop."""
 
     engine: ChatEngine
-    chat_settings: Settings
+    chat_settings: DiscordSettings
 
-    def _init_chat(self, engine: ChatEngine, settings: Settings) -> dict[str, Any]:
+    def _init_chat(self, engine: ChatEngine, settings: DiscordSettings) -> dict[str, Any]:
         self.engine = engine
         self.chat_settings = settings
         self._stopping: asyncio.Future[None] | None = None
@@ -604,7 +605,7 @@ class _ChatClient:
 
     async def setup_hook(self) -> None:
         await self.load_extension(EXTENSION)  # type: ignore[attr-defined]
-        if self.chat_settings.discord_sync_commands:
+        if self.chat_settings.sync_commands:
             synced = await self.tree.sync()  # type: ignore[attr-defined]
             log.info("registered %d slash commands", len(synced))
 
@@ -623,7 +624,7 @@ class _ChatClient:
     async def _stop(self) -> None:
         cog = self.get_cog("Chat")  # type: ignore[attr-defined]
         if isinstance(cog, ChatCog):
-            await cog.drain(self.chat_settings.discord_shutdown_grace)
+            await cog.drain(self.chat_settings.shutdown_grace)
         await self.engine.close()  # the memory store is flushed and closed here
         await super().close()  # type: ignore[misc]
 
@@ -631,25 +632,27 @@ class _ChatClient:
 class ChatBot(_ChatClient, commands.Bot):
     """One connection; right for bots in up to a couple of thousand servers."""
 
-    def __init__(self, engine: ChatEngine, settings: Settings | None = None, **options: Any) -> None:
-        settings = settings or engine.settings
+    def __init__(self, engine: ChatEngine, settings: DiscordSettings | None = None, **options: Any) -> None:
+        settings = settings or engine.settings.section(DiscordSettings)
         super().__init__(**{**self._init_chat(engine, settings), **options})
 
 
 class ShardedChatBot(_ChatClient, commands.AutoShardedBot):
     """As many connections (shards) as Discord asks for, all answered by the one engine in this process."""
 
-    def __init__(self, engine: ChatEngine, settings: Settings | None = None, **options: Any) -> None:
-        settings = settings or engine.settings
+    def __init__(self, engine: ChatEngine, settings: DiscordSettings | None = None, **options: Any) -> None:
+        settings = settings or engine.settings.section(DiscordSettings)
         super().__init__(**{**self._init_chat(engine, settings), **options})
 
 
-def make_bot(engine: ChatEngine, settings: Settings | None = None, **options: Any) -> ChatBot | ShardedChatBot:
-    """The Discord client for ``engine``: sharded when `Settings.discord_sharded` says so."""
-    settings = settings or engine.settings
+def make_bot(engine: ChatEngine, settings: DiscordSettings | None = None,
+             **options: Any) -> ChatBot | ShardedChatBot:
+    """The Discord client for ``engine``, with ``settings`` (default: the ``[discord]`` table of the
+    engine's settings): sharded when `DiscordSettings.sharded` says so."""
+    settings = settings or engine.settings.section(DiscordSettings)
     # The bot never joins voice: discord.py's start-up warnings that voice libraries are missing are noise.
     discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
-    cls = ShardedChatBot if settings.discord_sharded else ChatBot
+    cls = ShardedChatBot if settings.sharded else ChatBot
     return cls(engine, settings, **options)
 
 
@@ -662,13 +665,13 @@ async def run_discord(settings: Settings, *, engine: ChatEngine | None = None) -
     Raises `ChatbotError` with what to do for a missing or refused token and for the
     Message Content intent not being enabled.
     """
-    if settings.discord_token is None:
-        raise ChatbotError("no Discord token: set DISCORD_TOKEN in the environment or discord_token in the "
-                           "settings file (see the README's Discord section)")
-    token = settings.discord_token.get_secret_value()
+    face = settings.section(DiscordSettings)
+    if face.token is None:
+        raise ChatbotError(NO_TOKEN)
+    token = face.token.get_secret_value()
     if engine is None:
         engine = await asyncio.to_thread(ChatEngine.from_settings, settings)
-    bot = make_bot(engine, settings)
+    bot = make_bot(engine, face)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from adapters.cli import FaceCommand, config_option, model_option, settings_from_args
+from adapters.discord_settings import NO_TOKEN, DiscordSettings
 from chatbot.errors import ChatbotError
 
 DISCORD_MAX_BATCH = 8
@@ -16,8 +17,8 @@ DISCORD_MAX_BATCH = 8
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     d = sub.add_parser("discord", parents=[common], help="run the Discord bot (needs DISCORD_TOKEN)",
-                       description="Log in to Discord with the token in DISCORD_TOKEN (or discord_token in the "
-                                   "settings file) and answer mentions, replies, DMs and the configured channels "
+                       description="Log in to Discord with the token in DISCORD_TOKEN (or `token` in the [discord] "
+                                   "table of the settings file) and answer mentions, replies, DMs and the configured channels "
                                    "until Ctrl-C or SIGTERM. Memory is the same SQLite file the terminal chat uses.")
     config_option(d)
     model_option(d)
@@ -33,13 +34,12 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentPa
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
-    settings = settings_from_args(
-        args, persona=args.persona, discord_channels=tuple(args.channel) if args.channel else None,
-        discord_sharded=True if args.sharded else None, discord_sync_commands=False if args.no_sync else None,
+    settings = settings_from_args(args, persona=args.persona).with_section(
+        DiscordSettings, channels=tuple(args.channel) if args.channel else None,
+        sharded=True if args.sharded else None, sync_commands=False if args.no_sync else None,
     )
-    if settings.discord_token is None:
-        raise ChatbotError("no Discord token: set DISCORD_TOKEN in the environment or discord_token in the "
-                           "settings file (the README's Discord section shows how to get one)")
+    if settings.section(DiscordSettings).token is None:
+        raise ChatbotError(NO_TOKEN)
     if "max_batch" not in settings.model_fields_set:
         # A server's channels ask at once: decode their replies together unless told otherwise.
         settings = settings.model_copy(update={"max_batch": DISCORD_MAX_BATCH})

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from adapters.langchain_history import ChatbotMessageHistory, message_role, message_text
 from chatbot.config import Settings
-from chatbot.conversation import Turn, plan_prompt
+from chatbot.conversation import Turn, prompt_planner
 from chatbot.decoding import ENGINE_ONLY, GENERATION_FIELDS, DecodingSettings, compose, seeded_for
 from chatbot.engine import iterate_in_thread
 from chatbot.errors import ChatbotError
@@ -382,13 +382,11 @@ class ChatGPT2(_GPT2Mixin, BaseChatModel):
                 turns.append(Turn("langchain:call", author, role, text, 0.0, n))
         if not turns:
             raise ValueError("ChatGPT2 needs at least one human or AI message with text to reply to")
-        budget = self.generator.context_size - settings.max_new_tokens
         try:
-            planned = plan_prompt(
-                turns, fmt=self.generator.format, speaker=self._speaker, count_tokens=self.generator.count_tokens,
-                budget=budget, preamble=" ".join(s for s in system if s.strip()),
+            planned = prompt_planner(
+                self.generator, settings, speaker=self._speaker, preamble=" ".join(s for s in system if s.strip()),
                 pinned=self._persona.example_turns() if self._persona is not None else (),
-                speakers=(self.user_name,), chunk=self.window_chunk)
+                speakers=(self.user_name,), chunk=self.window_chunk)(turns)
         except ChatbotError as err:
             raise ValueError(str(err)) from None
         stops = (*planned.stop_strings, *self._stops(stop))

@@ -2,28 +2,134 @@
 
 Precedence, lowest first: the defaults below, the TOML file, then environment variables
 (``CHATBOT_<FIELD>``, ``CHATBOT_DECODING__<FIELD>`` for a decoding override, and
-``DISCORD_TOKEN``). Every key is checked: a misspelt key in the file or a misspelt
-``CHATBOT_`` variable is an error that names it, never a silently ignored default.
+``CHATBOT_<SECTION>__<FIELD>`` for a face's section). Every key is checked: a misspelt key in
+the file or a misspelt ``CHATBOT_`` variable is an error that names it, never a silently
+ignored default.
+
+A face keeps its own settings in its own `Section` (the Discord bot's ``[discord]`` table), so
+the core knows no face. Sections are found through the ``chatbot.sections`` entry point group,
+which is how an installed face, the project's own or another package's, declares one::
+
+    # pyproject.toml
+    [project.entry-points."chatbot.sections"]
+    discord = "adapters.discord_settings:DiscordSettings"
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import re
+import typing
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .decoding import PRESETS, DecodingOverrides, DecodingSettings, compose
 from .errors import ChatbotError, read_toml, settings_error_message
 from .memory import MAX_TURN_CHARS
 from .prompting import PROMPTS_DIR
 
-__all__ = ["Settings", "ENV_PREFIX", "DEFAULT_CONFIG_FILE"]
+__all__ = ["Settings", "Section", "register_section", "known_sections", "ENV_PREFIX", "DEFAULT_CONFIG_FILE"]
 
 ENV_PREFIX = "CHATBOT_"
 DEFAULT_CONFIG_FILE = "chatbot.toml"
 """Read from the working directory when no file is named."""
+SECTION_ENTRY_POINTS = "chatbot.sections"
+"""The entry point group through which installed faces declare their `Section`."""
+
+
+class Section(BaseModel):
+    """A face's own settings: a ``[name]`` table in the settings file, ``CHATBOT_<NAME>__<KEY>``
+    in the environment, read with `Settings.section`. Unknown keys are errors, as in `Settings`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    name: ClassVar[str]
+    """The table's name; also the entry point's name."""
+    env_aliases: ClassVar[Mapping[str, str]] = {}
+    """Other environment variables read as one of the keys, e.g. ``{"DISCORD_TOKEN": "token"}``;
+    the ``CHATBOT_`` variable for the same key wins."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lists_from_text(cls, values: Any) -> Any:
+        # The environment gives a list as "a,b"; a tuple field takes it split at the commas.
+        if not isinstance(values, Mapping):
+            return values
+        out = dict(values)
+        for key, value in values.items():
+            field = cls.model_fields.get(key)
+            if isinstance(value, str) and field is not None and _is_tuple(field.annotation):
+                out[key] = tuple(v.strip() for v in value.split(",") if v.strip())
+        return out
+
+
+S = TypeVar("S", bound=Section)
+_REGISTERED: dict[str, type[Section]] = {}
+
+
+def register_section(cls: type[S]) -> type[S]:
+    """Make ``cls`` a known section in this process (installed faces use the entry point instead)."""
+    if not (isinstance(cls, type) and issubclass(cls, Section)):
+        raise TypeError(f"a settings section must be a Section subclass, got {cls!r}")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in Settings.model_fields:
+        raise ValueError(f"{cls.__name__}.name must be a lower-case table name that is not a core setting, "
+                         f"got {name!r}")
+    if _REGISTERED.get(name, cls) is not cls:
+        raise ValueError(f"two settings sections are named {name!r}: {_REGISTERED[name].__name__} "
+                         f"and {cls.__name__}")
+    _REGISTERED[name] = cls
+    return cls
+
+
+@functools.cache
+def _installed_sections() -> tuple[type[Section], ...]:
+    found = []
+    for ep in entry_points(group=SECTION_ENTRY_POINTS):
+        cls = ep.load()
+        if not (isinstance(cls, type) and issubclass(cls, Section)) or getattr(cls, "name", None) != ep.name:
+            raise ChatbotError(f"the settings section {ep.name!r} ({ep.value}) is not a Section named {ep.name!r}; "
+                               "reinstall the package that declares it")
+        found.append(cls)
+    return tuple(found)
+
+
+def known_sections() -> dict[str, type[Section]]:
+    """Every section this process knows, by table name: the installed faces' and the registered ones."""
+    for cls in _installed_sections():
+        _REGISTERED.setdefault(cls.name, cls)
+    return dict(_REGISTERED)
+
+
+def _is_tuple(annotation: Any) -> bool:
+    if typing.get_origin(annotation) is tuple:
+        return True
+    return any(_is_tuple(a) for a in typing.get_args(annotation)) if typing.get_origin(annotation) else False
+
+
+def _moved(key: str, known: Mapping[str, type[Section]]) -> str | None:
+    """What to write instead of a face's key given at the top level (``discord_token``)."""
+    for name, cls in known.items():
+        sub = key[len(name) + 1:]
+        if key.startswith(f"{name}_") and sub in cls.model_fields:
+            return (f"`{key}` is now `{sub}` in the [{name}] table "
+                    f"(environment: {ENV_PREFIX}{name.upper()}__{sub.upper()})")
+    return None
+
+
+def _section_values(cls: type[S], values: Any) -> S:
+    if isinstance(values, cls):
+        return values
+    if isinstance(values, Section):  # the same table name, another class: check its values anew
+        values = values.model_dump()
+    try:
+        return cls.model_validate(values)
+    except ValidationError as err:
+        raise ValueError(settings_error_message(err, prefix=f"{cls.name}.")) from None
 
 
 class Settings(BaseModel):
@@ -95,39 +201,37 @@ class Settings(BaseModel):
     fallback_reply: str = Field("Sorry, I lost my train of thought. Could you say that another way?",
                                 min_length=1, max_length=500)
     """What the bot says when the model produces nothing usable."""
-    discord_token: SecretStr | None = None
-    """Bot token for the Discord face (also read from ``DISCORD_TOKEN``); never logged or printed."""
-    discord_channels: tuple[int, ...] = ()
-    """Channel ids where the bot answers every message without being mentioned (threads in them too)."""
-    discord_stream: bool = True
-    """Show replies as they are generated, by editing the bot's message; off sends each reply once, finished."""
-    discord_edit_interval: float = Field(1.2, ge=0.2, le=60)
-    """Seconds between two edits or sends of a streaming reply in one channel (Discord limits edits per channel)."""
-    discord_cooldown_messages: int = Field(5, ge=1, le=1000)
-    """Messages one user may send the bot per `discord_cooldown_seconds`; more get a "slow down" note."""
-    discord_cooldown_seconds: float = Field(30.0, gt=0, le=86_400)
-    """Length of the per-user cooldown window."""
-    discord_max_pending: int = Field(32, ge=1, le=10_000)
-    """Replies being written or waiting, over all channels; beyond it new messages get the busy reply."""
-    discord_reply_timeout: float = Field(90.0, gt=0, le=3600)
-    """Seconds a message may wait and be answered in; after that the reply stops with a note."""
-    discord_busy_reply: str = Field("I'm still answering earlier messages here. Try again in a moment.",
-                                    min_length=1, max_length=500)
-    """Sent when a channel's queue (`max_waiting_per_conversation`) or `discord_max_pending` is full."""
-    discord_cooldown_reply: str = Field("You're sending messages faster than I can answer. Slow down a little.",
-                                        min_length=1, max_length=500)
-    """Sent (once per cooldown window) to a user over the cooldown; the seconds to wait are added."""
-    discord_sharded: bool = False
-    """Run as an ``AutoShardedBot`` (for bots in very many servers); one model serves every shard."""
-    discord_sync_commands: bool = True
-    """Register the slash commands with Discord at start-up (turn off once they are registered)."""
-    discord_shutdown_grace: float = Field(10.0, ge=0, le=600)
-    """Seconds replies in progress get to finish at shutdown before they are cancelled."""
+    sections: Mapping[str, Section] = Field(default_factory=dict, repr=False)
+    """The faces' own settings (`Section`s), by table name; read with `section`."""
 
-    @field_validator("model", "preset", "expire_after_days", "discord_token", mode="before")
+    @field_validator("model", "preset", "expire_after_days", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_sections(cls, values: Any) -> Any:
+        # A face's table arrives as a top-level key (``[discord]`` in the file, ``discord=`` here).
+        if not isinstance(values, Mapping):
+            return values
+        known = known_sections()
+        out: dict[str, Any] = {}
+        tables = dict(values.get("sections") or {})
+        for key, value in values.items():
+            if key == "sections":
+                continue
+            if key in known:
+                tables[key] = value
+            elif key not in cls.model_fields and (moved := _moved(key, known)):
+                raise ValueError(moved)
+            else:
+                out[key] = value
+        unknown = sorted(set(tables) - set(known))
+        if unknown:
+            raise ValueError(f"`{unknown[0]}` is not a known setting (sections: {', '.join(sorted(known)) or 'none'})")
+        out["sections"] = {name: _section_values(known[name], table) for name, table in tables.items()}
+        return out
 
     @field_validator("device")
     @classmethod
@@ -190,6 +294,22 @@ class Settings(BaseModel):
             where = f"{source}: " if source else ""
             raise ChatbotError(f"{where}{settings_error_message(err)}") from None
 
+    def section(self, cls: type[S]) -> S:
+        """This face's settings: its table as given, or its defaults when there is none."""
+        got = self.sections.get(cls.name)
+        return got if isinstance(got, cls) else _section_values(cls, got or {})
+
+    def with_section(self, cls: type[S], **changes: Any) -> "Settings":
+        """A copy whose ``cls`` section has ``changes`` (None values skipped) on top; checked like the file."""
+        current = self.section(cls)
+        values = {**{k: getattr(current, k) for k in current.model_fields_set},
+                  **{k: v for k, v in changes.items() if v is not None}}
+        try:
+            table = _section_values(cls, values)
+        except ValueError as err:
+            raise ChatbotError(str(err)) from None
+        return self.model_copy(update={"sections": {**self.sections, cls.name: table}})
+
     def decoding_settings(self, preset: str) -> DecodingSettings:
         """The named preset with this configuration's ``decoding`` overrides on top."""
         return compose(preset, self.decoding)
@@ -197,9 +317,9 @@ class Settings(BaseModel):
 
 def _merge(into: dict[str, Any], new: Mapping[str, Any]) -> None:
     for key, value in new.items():
-        if key == "decoding" and isinstance(value, Mapping) and isinstance(into.get("decoding"), Mapping):
-            # The environment overrides single decoding keys, not the whole table.
-            into["decoding"] = {**into["decoding"], **value}
+        if isinstance(value, Mapping) and isinstance(into.get(key), Mapping):
+            # The environment overrides single keys of a table (decoding, a face's section), not the whole table.
+            into[key] = {**into[key], **value}
         else:
             into[key] = value
 
@@ -211,21 +331,27 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     unknown prefixed variables, and a misspelt ``CHATBOT_PERSONNA`` must be an error.
     """
     fields = Settings.model_fields
-    decoding_fields = DecodingSettings.model_fields
+    known = known_sections()
+    tables: dict[str, Mapping[str, Any]] = {"decoding": DecodingSettings.model_fields,
+                                            **{n: c.model_fields for n, c in known.items()}}
     values: dict[str, Any] = {}
+    for table, cls in known.items():
+        for var, sub in cls.env_aliases.items():
+            if var in env and f"{ENV_PREFIX}{table}__{sub}".upper() not in env:
+                values.setdefault(table, {})[sub] = env[var]
     for name, raw in env.items():
-        if name == "DISCORD_TOKEN" and f"{ENV_PREFIX}DISCORD_TOKEN" not in env:
-            values["discord_token"] = raw
-            continue
         if not name.startswith(ENV_PREFIX):
             continue
         key = name[len(ENV_PREFIX):].lower()
-        if key.startswith("decoding__"):
-            sub = key[len("decoding__"):]
-            if sub not in decoding_fields:
-                raise ChatbotError(f"environment variable {name}: `decoding.{sub}` is not a known setting")
-            values.setdefault("decoding", {})[sub] = None if raw.strip() in ("", "none") else raw
-        elif key in ("blocklist", "allowlist", "discord_channels"):
+        table, _, sub = key.partition("__")
+        if sub and table in tables:
+            if sub not in tables[table]:
+                raise ChatbotError(f"environment variable {name}: `{table}.{sub}` is not a known setting")
+            if table == "decoding":
+                values.setdefault(table, {})[sub] = None if raw.strip() in ("", "none") else raw
+            else:
+                values.setdefault(table, {})[sub] = raw
+        elif key in ("blocklist", "allowlist"):
             values[key] = tuple(w.strip() for w in raw.split(",") if w.strip())
         elif key in fields and key != "decoding":
             values[key] = raw
@@ -235,5 +361,5 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
             raise ChatbotError(f"environment variable {name}: set one decoding key at a time, "
                                f"e.g. {ENV_PREFIX}DECODING__TEMPERATURE=0.6")
         else:
-            raise ChatbotError(f"environment variable {name}: `{key}` is not a known setting")
+            raise ChatbotError(f"environment variable {name}: {_moved(key, known) or f'`{key}` is not a known setting'}")
     return values

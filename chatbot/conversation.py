@@ -7,11 +7,18 @@ one history is never shared by everyone.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 from .errors import ChatbotError, InvalidConversationId
+from .generation import prompt_budget
+from .prompting import Utterance
+
+if TYPE_CHECKING:
+    from .decoding import DecodingSettings
+    from .generation import Generator
 
 Role = Literal["user", "bot"]
 ROLES = ("user", "bot")
@@ -175,12 +182,7 @@ class PromptPlan:
 def plan_prompt(turns: Sequence[Turn], *, fmt: Any, speaker: str, count_tokens: Callable[[str], int], budget: int,
                 preamble: str = "", pinned: Sequence[Any] = (), speakers: Sequence[str] = (),
                 first_position: int = 0, chunk: int = 8) -> PromptPlan:
-    """The rolling window of ``turns`` rendered by ``fmt`` (a `PromptFormat`) for ``speaker`` to answer.
-
-    One place for the engine and the LangChain chat model, so both build the same prompt
-    from the same conversation.
-    """
-    from .prompting import Utterance
+    """The rolling window of ``turns`` rendered by ``fmt`` (a `PromptFormat`) for ``speaker`` to answer."""
 
     def render(pre: str, pin: Sequence[Any], kept: Sequence[Turn]) -> str:
         return fmt.build_prompt(list(pin) + [Utterance(t.author, t.text) for t in kept], speaker, pre)
@@ -190,3 +192,18 @@ def plan_prompt(turns: Sequence[Turn], *, fmt: Any, speaker: str, count_tokens: 
     in_window = sorted({t.author for t in window.turns} | {speaker, *speakers})
     return PromptPlan(window, render(window.preamble, window.pinned, window.turns),
                       tuple(fmt.stop_strings(in_window)), tuple(t.text for t in window.turns if t.role == "bot"))
+
+
+def prompt_planner(generator: Generator, settings: DecodingSettings, *, speaker: str, preamble: str = "",
+                   pinned: Sequence[Any] = (), speakers: Sequence[str] = (),
+                   chunk: int = 8) -> Callable[..., PromptPlan]:
+    """`plan_prompt` bound to ``generator`` (its prompt format, tokenizer and context) for a reply under
+    ``settings``: the window gets the model's context less the reply's ``max_new_tokens``.
+
+    The one place a reply's prompt is planned: the engine and the LangChain chat model both call
+    it, so they build the same prompt from the same turns. The result takes the turns (and
+    ``first_position``, the first one's place in the whole conversation).
+    """
+    return functools.partial(plan_prompt, fmt=generator.format, speaker=speaker, count_tokens=generator.count_tokens,
+                             budget=prompt_budget(generator.context_size, settings), preamble=preamble,
+                             pinned=pinned, speakers=speakers, chunk=chunk)

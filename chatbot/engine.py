@@ -14,7 +14,6 @@ turns on it rather than fighting over the same cores.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import threading
 import time
@@ -25,10 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .config import Settings
-from .conversation import Turn, Window, check_author, check_conversation_id, plan_prompt
+from .conversation import Turn, Window, check_author, check_conversation_id, prompt_planner
 from .decoding import DecodingSettings, get_preset, seeded_for
 from .errors import ChatbotError, EngineBusy, GenerationFailed, InputRejected
-from .generation import GenerationRequest, Generator, prompt_budget
+from .generation import GenerationRequest, Generator
 from .memory import MemoryStore, check_author_key, open_store
 from .personas import PersonaBook
 from .prompting import Persona, get_persona
@@ -580,12 +579,10 @@ class ChatEngine:
         return _Plan(chosen, settings, request, window, user_turn, window.tokens, recent, tuple(sorted(speakers)))
 
     def _planner(self, persona: Persona, settings: DecodingSettings) -> Callable[..., Any]:
-        """`plan_prompt` for ``persona``'s conversations under ``settings``, given the turns."""
-        budget = prompt_budget(self.generator.context_size, settings)
-        return functools.partial(
-            plan_prompt, fmt=self.generator.format, speaker=persona.speaker, count_tokens=self.generator.count_tokens,
-            budget=budget, preamble=persona.description, pinned=persona.example_turns(EXAMPLE_USER),
-            speakers=(EXAMPLE_USER,), chunk=self.settings.window_chunk)
+        """The prompt planner of ``persona``'s conversations under ``settings`` (`prompt_planner`)."""
+        return prompt_planner(self.generator, settings, speaker=persona.speaker, preamble=persona.description,
+                              pinned=persona.example_turns(EXAMPLE_USER), speakers=(EXAMPLE_USER,),
+                              chunk=self.settings.window_chunk)
 
     async def _maybe_expire(self) -> None:
         days = self.settings.expire_after_days

@@ -40,11 +40,11 @@ class GenerationFailed(ChatbotError):
     """The model raised while replying; the user's turn is stored and the engine is still usable."""
 
 
-def settings_error_message(err: ValidationError) -> str:
-    """One line per problem, each naming the setting and the bad value."""
+def settings_error_message(err: ValidationError, *, prefix: str = "") -> str:
+    """One line per problem, each naming the setting (after ``prefix``, a table's ``name.``) and the bad value."""
     parts = []
     for e in err.errors():
-        name = ".".join(str(p) for p in e["loc"]) or "settings"
+        name = prefix + ".".join(str(p) for p in e["loc"]) if e["loc"] else prefix.rstrip(".") or "settings"
         if e["type"] == "extra_forbidden":
             parts.append(f"`{name}` is not a known setting")
         else:

@@ -2,7 +2,8 @@
 
 import pytest
 
-from chatbot.config import Settings
+from adapters.discord_settings import DiscordSettings
+from chatbot.config import Section, Settings, register_section
 from chatbot.errors import ChatbotError
 
 
@@ -87,15 +88,64 @@ def test_missing_file_is_a_clear_error(tmp_path):
 def test_discord_token_is_secret(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     s = Settings.load(env={"DISCORD_TOKEN": "abc.def.ghi"})
-    assert s.discord_token.get_secret_value() == "abc.def.ghi"
+    assert s.section(DiscordSettings).token.get_secret_value() == "abc.def.ghi"
     assert "abc.def.ghi" not in repr(s) and "abc.def.ghi" not in str(s.model_dump())
-    assert Settings.load(env={"DISCORD_TOKEN": "a", "CHATBOT_DISCORD_TOKEN": "b"}).discord_token.get_secret_value() == "b"
+    both = Settings.load(env={"DISCORD_TOKEN": "a", "CHATBOT_DISCORD__TOKEN": "b"})
+    assert both.section(DiscordSettings).token.get_secret_value() == "b"
 
 
-def test_every_setting_has_a_docstring():
-    import chatbot.config
+def test_a_face_reads_its_own_table_from_the_file_and_the_environment(tmp_path):
+    path = tmp_path / "chatbot.toml"
+    path.write_text('persona = "friendly"\n[discord]\nchannels = [1, 2]\nedit_interval = 2.5\n', encoding="utf-8")
+    s = Settings.load(path, env={"CHATBOT_DISCORD__EDIT_INTERVAL": "3", "CHATBOT_DISCORD__SHARDED": "true"})
+    face = s.section(DiscordSettings)
+    assert (face.channels, face.edit_interval, face.sharded, face.stream) == ((1, 2), 3.0, True, True)
+    assert Settings.load(env={"CHATBOT_DISCORD__CHANNELS": "5, 6"}).section(DiscordSettings).channels == (5, 6)
+    assert Settings().section(DiscordSettings) == DiscordSettings()
+    assert not hasattr(Settings(), "discord_token")  # the core knows no face
 
-    source = open(chatbot.config.__file__, encoding="utf-8").read()
-    for name in Settings.model_fields:
+
+@pytest.mark.parametrize(("table", "env", "message"), [
+    ('discord_token = "x"', {}, r"`discord_token` is now `token` in the \[discord\] table"),
+    ("[discord]\nedit_interval = 0.01", {}, r"`discord.edit_interval` must be greater than or equal to 0.2, got 0.01"),
+    ("[discord]\ntokn = 1", {}, r"`discord.tokn` is not a known setting"),
+    ("[discrod]\ntoken = 1", {}, r"`discrod` is not a known setting"),
+    ("", {"CHATBOT_DISCORD_TOKEN": "x"}, r"CHATBOT_DISCORD_TOKEN: `discord_token` is now `token` in the \[discord\]"),
+    ("", {"CHATBOT_DISCORD__TOKN": "x"}, r"CHATBOT_DISCORD__TOKN: `discord.tokn` is not a known setting"),
+])
+def test_a_mistake_in_a_face_table_names_the_key(tmp_path, table, env, message):
+    path = tmp_path / "chatbot.toml"
+    path.write_text(table + "\n", encoding="utf-8")
+    with pytest.raises(ChatbotError, match=message):
+        Settings.load(path, env=env)
+
+
+def test_with_section_checks_its_changes_like_the_file():
+    s = Settings(discord={"edit_interval": 2.0}).with_section(DiscordSettings, channels=(7,), sharded=None)
+    assert s.section(DiscordSettings).channels == (7,) and s.section(DiscordSettings).edit_interval == 2.0
+    with pytest.raises(ChatbotError, match="`discord.edit_interval`"):
+        s.with_section(DiscordSettings, edit_interval=0)
+
+
+def test_a_new_face_section_is_one_class_and_one_registration():
+    class Greeter(Section):  # what a face adds: its model ...
+        name = "greeter_test"
+        greeting: str = "hello"
+
+    register_section(Greeter)  # ... and one registration (an installed face uses the entry point)
+    s = Settings.load(env={"CHATBOT_GREETER_TEST__GREETING": "hi"})
+    assert s.section(Greeter).greeting == "hi"
+    with pytest.raises(ValueError, match="two settings sections"):
+        register_section(type("Other", (Section,), {"name": "greeter_test"}))
+    with pytest.raises(ValueError, match="not a core setting"):
+        register_section(type("Clash", (Section,), {"name": "persona"}))
+
+
+@pytest.mark.parametrize("model", [Settings, DiscordSettings])
+def test_every_setting_has_a_docstring(model):
+    import sys
+
+    source = open(sys.modules[model.__module__].__file__, encoding="utf-8").read()
+    for name in model.model_fields:
         after = source.split(f"\n    {name}: ", 1)[1].split("\n")
         assert any(line.strip().startswith('"""') for line in after[1:3]), f"`{name}` has no docstring"

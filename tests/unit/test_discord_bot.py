@@ -28,6 +28,7 @@ from adapters.discord_bot import (
     run_discord,
     speaker_name,
 )
+from adapters.discord_settings import DiscordSettings
 from adapters.discord_text import split_message
 from chatbot.config import Settings
 from chatbot.engine import ChatEngine
@@ -50,15 +51,18 @@ CHANNEL = f"discord:channel:{CHANNEL_ID}"
 
 
 def settings_for(tiny_prompts, tmp_path, **values):
-    base = {"persona": "tester", "prompts_dir": tiny_prompts, "decoding": {"max_new_tokens": 6},
-            "memory_path": str(tmp_path / "memory.sqlite3"), "discord_channels": (QUIET_CHANNEL_ID,),
-            "discord_edit_interval": 0.2, "discord_sync_commands": True}
-    return Settings(**{**base, **values})
+    """Core settings with a [discord] table: each key goes where its name belongs."""
+    face = {"channels": (QUIET_CHANNEL_ID,), "edit_interval": 0.2, "sync_commands": True}
+    face.update({k: v for k, v in values.items() if k in DiscordSettings.model_fields})
+    core = {"persona": "tester", "prompts_dir": tiny_prompts, "decoding": {"max_new_tokens": 6},
+            "memory_path": str(tmp_path / "memory.sqlite3")}
+    core.update({k: v for k, v in values.items() if k not in DiscordSettings.model_fields})
+    return Settings(**core, discord=face)
 
 
 async def start(gen, settings, monkeypatch):
     engine = ChatEngine(gen, SQLiteMemoryStore(settings.memory_path), settings)
-    bot = make_bot(engine, settings)
+    bot = make_bot(engine)
     fake = FakeDiscord(bot, monkeypatch)
     await fake.connect()
     return bot, fake, engine
@@ -104,7 +108,7 @@ async def test_starting_the_bot_prints_no_voice_library_warnings(roomy_gen, tiny
     settings = settings_for(tiny_prompts, tmp_path)
     engine = ChatEngine(roomy_gen, SQLiteMemoryStore(settings.memory_path), settings)
     with caplog.at_level("WARNING", logger="discord"):
-        bot = make_bot(engine, settings)
+        bot = make_bot(engine)
     assert "voice" not in caplog.text
     await bot.close()
     await engine.close()
@@ -173,9 +177,9 @@ async def test_two_bots_never_answer_each_other(roomy_gen, tiny_prompts, tmp_pat
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     a, fake_a, _ = await start(roomy_gen, settings_for(tiny_prompts, tmp_path / "a",
-                                                       discord_channels=(CHANNEL_ID,)), monkeypatch)
+                                                       channels=(CHANNEL_ID,)), monkeypatch)
     b, fake_b, _ = await start(roomy_gen, settings_for(tiny_prompts, tmp_path / "b",
-                                                       discord_channels=(CHANNEL_ID,)), monkeypatch)
+                                                       channels=(CHANNEL_ID,)), monkeypatch)
     try:
         fake_a.message("hello bots")
         fake_b.message("hello bots")
@@ -199,7 +203,7 @@ async def test_two_bots_never_answer_each_other(roomy_gen, tiny_prompts, tmp_pat
 
 @pytest.mark.parametrize("stream", [True, False])
 async def test_mass_and_role_mentions_arrive_neutralised(roomy_gen, tiny_prompts, tmp_path, monkeypatch, stream):
-    bot, fake, engine = await start(roomy_gen, settings_for(tiny_prompts, tmp_path, discord_stream=stream),
+    bot, fake, engine = await start(roomy_gen, settings_for(tiny_prompts, tmp_path, stream=stream),
                                     monkeypatch)
     try:
         scripted_stream(roomy_gen, monkeypatch, "Hey @everyone and @here, ask <@&401234567890123456> or <@201234567890123456> about it.")
@@ -226,7 +230,7 @@ async def test_a_long_reply_is_split_cleanly_into_several_messages(roomy_gen, ti
                                                                    monkeypatch, stream):
     text = long_reply()
     assert len(text) > 4000
-    settings = settings_for(tiny_prompts, tmp_path, discord_stream=stream, discord_edit_interval=0.2,
+    settings = settings_for(tiny_prompts, tmp_path, stream=stream, edit_interval=0.2,
                             max_input_chars=5000, decoding={"max_new_tokens": 6})
     bot, fake, engine = await start(roomy_gen, settings, monkeypatch)
     try:
@@ -247,7 +251,7 @@ async def test_a_long_reply_is_split_cleanly_into_several_messages(roomy_gen, ti
 
 async def test_streaming_edits_are_throttled_per_channel(roomy_gen, tiny_prompts, tmp_path, monkeypatch):
     interval = 0.3
-    settings = settings_for(tiny_prompts, tmp_path, discord_edit_interval=interval)
+    settings = settings_for(tiny_prompts, tmp_path, edit_interval=interval)
     bot, fake, engine = await start(roomy_gen, settings, monkeypatch)
     try:
         sentences = [f"Sentence number {i} is here. " for i in range(30)]
@@ -323,7 +327,7 @@ def test_speaker_names_cannot_fake_a_turn_or_pass_for_the_bot():
 
 async def test_a_user_over_the_cooldown_is_told_once_and_others_still_get_answers(roomy_gen, tiny_prompts,
                                                                                  tmp_path, monkeypatch):
-    settings = settings_for(tiny_prompts, tmp_path, discord_cooldown_messages=2, discord_cooldown_seconds=60)
+    settings = settings_for(tiny_prompts, tmp_path, cooldown_messages=2, cooldown_seconds=60)
     bot, fake, engine = await start(roomy_gen, settings, monkeypatch)
     try:
         for i in range(5):
@@ -358,7 +362,7 @@ async def test_a_full_channel_queue_gets_the_busy_reply(roomy_gen, tiny_prompts,
 
 
 async def test_too_many_pending_replies_overall_get_the_busy_reply(roomy_gen, tiny_prompts, tmp_path, monkeypatch):
-    settings = settings_for(tiny_prompts, tmp_path, discord_max_pending=2)
+    settings = settings_for(tiny_prompts, tmp_path, max_pending=2)
     bot, fake, engine = await start(roomy_gen, settings, monkeypatch)
     try:
         scripted_stream(roomy_gen, monkeypatch, "Fine thanks.", delay=0.2)
@@ -374,7 +378,7 @@ async def test_too_many_pending_replies_overall_get_the_busy_reply(roomy_gen, ti
 
 
 async def test_a_reply_over_the_time_limit_stops_with_a_note(roomy_gen, tiny_prompts, tmp_path, monkeypatch):
-    settings = settings_for(tiny_prompts, tmp_path, discord_reply_timeout=2)
+    settings = settings_for(tiny_prompts, tmp_path, reply_timeout=2)
     bot, fake, engine = await start(roomy_gen, settings, monkeypatch)
     try:
         scripted_stream(roomy_gen, monkeypatch, "", pieces=["Slow. "] * 40, delay=0.15)
@@ -520,7 +524,7 @@ async def test_slash_commands_are_registered_with_discord(world):
 
 async def test_shutdown_finishes_replies_in_progress_and_flushes_memory(roomy_gen, tiny_prompts, tmp_path,
                                                                         monkeypatch):
-    settings = settings_for(tiny_prompts, tmp_path, discord_shutdown_grace=10)
+    settings = settings_for(tiny_prompts, tmp_path, shutdown_grace=10)
     bot, fake, engine = await start(roomy_gen, settings, monkeypatch)
     scripted_stream(roomy_gen, monkeypatch, "Almost done.", delay=0.4)
     fake.message(f"<@{BOT_ID}> one more thing", mentions=(BOT_ID,))
@@ -540,7 +544,7 @@ async def test_shutdown_finishes_replies_in_progress_and_flushes_memory(roomy_ge
 
 
 async def test_shutdown_cancels_replies_that_overrun_the_grace(roomy_gen, tiny_prompts, tmp_path, monkeypatch):
-    settings = settings_for(tiny_prompts, tmp_path, discord_shutdown_grace=0.2)
+    settings = settings_for(tiny_prompts, tmp_path, shutdown_grace=0.2)
     bot, fake, engine = await start(roomy_gen, settings, monkeypatch)
     scripted_stream(roomy_gen, monkeypatch, "", pieces=["Slow. "] * 30, delay=0.1)
     fake.message(f"<@{BOT_ID}> long one", mentions=(BOT_ID,))
@@ -556,7 +560,7 @@ async def test_shutdown_cancels_replies_that_overrun_the_grace(roomy_gen, tiny_p
 
 
 async def test_sigterm_stops_the_running_bot_cleanly(roomy_gen, tiny_prompts, tmp_path, monkeypatch):
-    settings = settings_for(tiny_prompts, tmp_path, discord_token="not-a-real-token", discord_sync_commands=False)
+    settings = settings_for(tiny_prompts, tmp_path, token="not-a-real-token", sync_commands=False)
     engine = ChatEngine(roomy_gen, SQLiteMemoryStore(settings.memory_path), settings)
     connected = asyncio.Event()
 
@@ -580,7 +584,7 @@ async def test_sigterm_stops_the_running_bot_cleanly(roomy_gen, tiny_prompts, tm
 
 async def test_a_refused_token_is_a_clear_error_and_the_engine_is_closed(roomy_gen, tiny_prompts, tmp_path,
                                                                          monkeypatch):
-    settings = settings_for(tiny_prompts, tmp_path, discord_token="bad-token")
+    settings = settings_for(tiny_prompts, tmp_path, token="bad-token")
     engine = ChatEngine(roomy_gen, SQLiteMemoryStore(settings.memory_path), settings)
 
     async def refuse(self, token):
@@ -597,7 +601,7 @@ async def test_a_refused_token_is_a_clear_error_and_the_engine_is_closed(roomy_g
 async def test_no_network_is_a_clear_error(roomy_gen, tiny_prompts, tmp_path, monkeypatch):
     import aiohttp
 
-    settings = settings_for(tiny_prompts, tmp_path, discord_token="a-token")
+    settings = settings_for(tiny_prompts, tmp_path, token="a-token")
     engine = ChatEngine(roomy_gen, SQLiteMemoryStore(settings.memory_path), settings)
 
     async def unreachable(self, token):
@@ -614,7 +618,7 @@ async def test_no_token_is_a_clear_error(tiny_prompts, tmp_path):
 
 
 async def test_a_sharded_bot_serves_every_shard_from_one_engine(roomy_gen, tiny_prompts, tmp_path, monkeypatch):
-    settings = settings_for(tiny_prompts, tmp_path, discord_sharded=True)
+    settings = settings_for(tiny_prompts, tmp_path, sharded=True)
     bot, fake, engine = await start(roomy_gen, settings, monkeypatch)
     try:
         assert isinstance(bot, ShardedChatBot) and isinstance(bot, commands.AutoShardedBot)

@@ -72,7 +72,7 @@ async def test_a_model_failure_mid_stream_does_not_leave_the_placeholder(world, 
 
 async def test_a_reply_cancelled_at_shutdown_does_not_leave_the_placeholder(roomy_gen, tiny_prompts, tmp_path,
                                                                             monkeypatch):
-    settings = settings_for(tiny_prompts, tmp_path, discord_shutdown_grace=0.2)
+    settings = settings_for(tiny_prompts, tmp_path, shutdown_grace=0.2)
     bot, fake, _engine = await start(roomy_gen, settings, monkeypatch)
     scripted_stream(roomy_gen, monkeypatch, "", pieces=["Slow. "] * 30, delay=0.1)
     fake.message(f"<@{BOT_ID}> long one", mentions=(BOT_ID,))
@@ -89,7 +89,7 @@ async def test_a_reply_cancelled_at_shutdown_does_not_leave_the_placeholder(room
 async def test_a_reply_finished_and_stored_is_not_shown_as_out_of_time(roomy_gen, tiny_prompts, tmp_path,
                                                                        monkeypatch):
     """A reply that finished (and was stored) is shown whole, even when its last edit waits past the time limit."""
-    settings = settings_for(tiny_prompts, tmp_path, discord_edit_interval=3, discord_reply_timeout=2)
+    settings = settings_for(tiny_prompts, tmp_path, edit_interval=3, reply_timeout=2)
     bot, fake, engine = await start(roomy_gen, settings, monkeypatch)
     try:
         scripted_stream(roomy_gen, monkeypatch, "All done here.")
@@ -117,7 +117,7 @@ async def test_a_short_reply_is_one_write_without_a_placeholder_edit(world, room
 async def test_a_long_streamed_reply_keeps_the_per_channel_pace(roomy_gen, tiny_prompts, tmp_path, monkeypatch):
     """Every request keeps the channel's pace, also where a long reply edits one message and sends the next."""
     interval = 0.3
-    settings = settings_for(tiny_prompts, tmp_path, discord_edit_interval=interval, max_input_chars=5000)
+    settings = settings_for(tiny_prompts, tmp_path, edit_interval=interval, max_input_chars=5000)
     bot, fake, _engine = await start(roomy_gen, settings, monkeypatch)
     try:
         text = long_reply()
@@ -159,7 +159,7 @@ async def test_a_deleted_question_still_gets_its_reply_or_is_not_kept(world, roo
 
 async def test_bare_mentions_do_not_use_up_the_cooldown(roomy_gen, tiny_prompts, tmp_path, monkeypatch):
     """A bare mention (or attachments only) is ignored and spends no cooldown slot."""
-    settings = settings_for(tiny_prompts, tmp_path, discord_cooldown_messages=2, discord_cooldown_seconds=60)
+    settings = settings_for(tiny_prompts, tmp_path, cooldown_messages=2, cooldown_seconds=60)
     bot, fake, engine = await start(roomy_gen, settings, monkeypatch)
     try:
         for _ in range(2):
@@ -210,7 +210,7 @@ async def test_a_look_alike_of_the_bots_name_is_marked(world):
 
 async def test_the_time_limit_is_kept_when_the_model_is_mid_sentence(roomy_gen, tiny_prompts, tmp_path, monkeypatch):
     """The time limit holds while the model is in the middle of a sentence: the model stops at its next token."""
-    settings = settings_for(tiny_prompts, tmp_path, discord_reply_timeout=1)
+    settings = settings_for(tiny_prompts, tmp_path, reply_timeout=1)
     bot, fake, _engine = await start(roomy_gen, settings, monkeypatch)
     try:
         def stream(request):  # 3.3 s of one sentence; like the real model, it stops when the request is cancelled
@@ -237,7 +237,7 @@ async def test_a_timed_out_reply_does_not_keep_the_model_busy_for_other_channels
     """discord_stream = false: a reply past its time limit stops the model, so other channels are not held up."""
     from chatbot.generation import GenerationResult
 
-    settings = settings_for(tiny_prompts, tmp_path, discord_stream=False, discord_reply_timeout=1)
+    settings = settings_for(tiny_prompts, tmp_path, stream=False, reply_timeout=1)
     bot, fake, _engine = await start(roomy_gen, settings, monkeypatch)
     calls = []
 

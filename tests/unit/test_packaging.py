@@ -81,9 +81,13 @@ def test_a_plain_install_without_e_has_the_personas_model_and_safety_sets(tmp_pa
     check = ("from chatbot.prompting import PROMPTS_DIR, list_personas; from chatbot.safety import LABELLED_SETS; "
              "from chatbot.generation import DEFAULT_MODEL; import chatbot; "
              "print(chatbot.__file__); print(sorted(list_personas())); "
-             "print(all(p.is_file() for p in LABELLED_SETS)); print((DEFAULT_MODEL / 'model.safetensors').is_file())")
+             "print(all(p.is_file() for p in LABELLED_SETS)); print((DEFAULT_MODEL / 'model.safetensors').is_file()); "
+             "from chatbot.config import known_sections; import sys; s = known_sections()['discord']; "
+             "print(s.name, sys.modules[s.__module__].__file__)")
     env = {**os.environ, "PYTHONPATH": str(site)}
     out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, cwd=tmp_path,
                          check=True).stdout.splitlines()
     assert out[0].startswith(str(site)), out
-    assert out[1:] == ["['concise', 'formal', 'friendly', 'playful']", "True", "True"]
+    assert out[1:4] == ["['concise', 'formal', 'friendly', 'playful']", "True", "True"]
+    # The Discord face's settings table is declared by the installed package's entry point.
+    assert out[4].startswith(f"discord {site}"), out
