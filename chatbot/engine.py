@@ -20,107 +20,26 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .config import Settings
-from .conversation import Turn, Window, check_author, check_conversation_id, prompt_planner
-from .decoding import DecodingSettings, get_preset, seeded_for
-from .errors import ChatbotError, EngineBusy, GenerationFailed, InputRejected
-from .generation import GenerationRequest, Generator
+from .conversation import Turn, check_conversation_id
+from .decoding import get_preset
+from .errors import ChatbotError, EngineBusy, GenerationFailed
+from .exchange import ExchangePlan, Exchanges, Reply, StepClock
+from .generation import Generator
 from .memory import MemoryStore, check_author_key, open_store
 from .personas import PersonaBook
 from .prompting import Persona, get_persona
 from .reply_policy import Outcome, RepeatCheck, ReplyPolicy
-from .safety import (
-    FilterContext,
-    ToxicityFilter,
-    break_special_tokens,
-    neutralise_speaker_tags,
-    output_chain,
-    sanitize_input,
-)
+from .safety import FilterContext, OutputFilter, ToxicityFilter, output_chain
 
-__all__ = ["ChatEngine", "Reply", "ReplyStream", "iterate_in_thread"]
+__all__ = ["ChatEngine", "Reply", "ReplyStream", "iterate_in_thread", "load_generator"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-EXAMPLE_USER = "User"
-"""Speaker name of the user side of persona examples. Fixed, not the current author's name,
-so the pinned part of the prompt is the same for everyone in a conversation."""
-EXPIRY_INTERVAL = 3600.0
 
-
-@dataclass(frozen=True)
-class Reply:
-    """The bot's answer and what it took to produce it."""
-
-    text: str
-    conversation_id: str
-    persona: str
-    """Persona that answered (its file name)."""
-    speaker: str
-    """The bot's speaker name in the transcript."""
-    finish_reason: str
-    """``stop`` (the turn ended), ``length`` (max_new_tokens), ``time`` (max_time), ``fallback``
-    (the model produced nothing usable; `Settings.fallback_reply` was sent), ``unsafe`` (every
-    attempt was flagged; `Settings.unsafe_fallback_reply` was sent) or ``refused``."""
-    prompt_tokens: int
-    reply_tokens: int
-    window_turns: int
-    """Conversation turns in the prompt (the persona's examples not counted)."""
-    dropped_turn_ids: tuple[int, ...]
-    """Stored turns the window left out, oldest first."""
-    cut_turn_ids: tuple[int, ...]
-    """Turns shortened to fit (only ever the newest, when it alone exceeds the window)."""
-    user_turn_id: int | None
-    """None when the message was refused (it is not stored)."""
-    bot_turn_id: int | None
-    """None when nothing was stored: a refused message, or a conversation reset after an unsafe reply."""
-    settings: DecodingSettings
-    timings: dict[str, float] = field(default_factory=dict)
-    """Seconds spent: ``queued`` (waiting for the conversation), ``prepare`` (memory and window),
-    ``generate`` (all attempts and their checks) and ``total``."""
-    safety: tuple[str, ...] = ()
-    """What the filters did, over all attempts ("redacted email", "toxicity: matched ...")."""
-    attempts: int = 1
-    """Replies generated: more than one when a reply was unsafe or repeated an earlier one."""
-    repeat_similarity: float = 0.0
-    """Similarity (0-1) of the reply to the most similar of the bot's recent replies."""
-    refused: bool = False
-    """The message was refused as abusive (`Settings.abusive_input`); `text` is the refusal."""
-    reset: bool = False
-    """The conversation was forgotten after an unsafe reply (`Settings.reset_after_unsafe`)."""
-
-
-@dataclass(frozen=True)
-class _Plan:
-    persona: Persona
-    settings: DecodingSettings
-    request: GenerationRequest
-    window: Window
-    user_turn: Turn
-    prompt_tokens: int
-    recent_replies: tuple[str, ...]
-    """The bot's latest replies (up to `repeat_lookback`), to catch a reply that repeats one."""
-    speakers: tuple[str, ...]
-
-
-class _Clock:
-    """Seconds spent in each step of one exchange."""
-
-    def __init__(self) -> None:
-        self.started = self._last = time.perf_counter()
-        self.timings: dict[str, float] = {}
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
-
-    def mark(self, step: str) -> None:
-        now = time.perf_counter()
-        self.timings[step] = now - self._last
-        self._last = now
 
 
 class _ConversationLocks:
@@ -194,7 +113,10 @@ class ReplyStream:
 class ChatEngine:
     """Conversation memory plus a generator, behind `respond` and `stream`."""
 
-    def __init__(self, generator: Generator, store: MemoryStore, settings: Settings | None = None) -> None:
+    def __init__(self, generator: Generator, store: MemoryStore, settings: Settings | None = None, *,
+                 output_filter: OutputFilter | None = None) -> None:
+        """``output_filter`` checks every reply; the default is the chain `safety.OUTPUT_FILTERS`
+        makes for ``settings``."""
         self.generator = generator
         self.store = store
         self.settings = settings or Settings()
@@ -208,38 +130,25 @@ class ChatEngine:
         self._executor = ThreadPoolExecutor(max_workers=getattr(generator, "max_concurrency", 1),
                                             thread_name_prefix="generate")
         self._owns_generator = False
-        self._next_expiry = 0.0
         self._closed = False
         st = self.settings
         # One toxicity filter judges both what users send and what the bot says.
         toxicity = ToxicityFilter(st.toxicity_threshold, blocklist=st.blocklist, allowlist=st.allowlist)
-        self.output_filter = output_chain(redact_personal_data=st.redact_personal_data,
-                                          block_toxic=st.block_toxic_output, toxicity=toxicity)
-        self.input_filter = toxicity if st.abusive_input == "refuse" else None
+        self.output_filter = output_filter or output_chain(
+            redact_personal_data=st.redact_personal_data, block_toxic=st.block_toxic_output, toxicity=toxicity)
         self.policy = ReplyPolicy(self.output_filter, st.unsafe_retries)
-        tokenizer = getattr(generator, "tokenizer", None)
-        self._special_tokens = tuple(getattr(tokenizer, "all_special_tokens", ())) or (
-            getattr(generator.format, "eos_token", "<|endoftext|>"),)
+        self.steps = Exchanges(generator, store, self.book, st,
+                               toxicity if st.abusive_input == "refuse" else None)
         # A reply budget that leaves the default persona no room would fail every message: fail now.
         preset = self.settings.preset or self.default_persona.preset
-        self._planner(self.default_persona, self.book.decoding(self.default_persona, preset, None))([])
+        self.steps.planner(self.default_persona, self.book.decoding(self.default_persona, preset, None))([])
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> "ChatEngine":
         """Load the model and open the memory store that ``settings`` name."""
-        from .generation import LocalGenerator
-
         settings = settings or Settings()
-        get_persona(settings.persona, settings.prompts_dir)
-        generator = LocalGenerator.from_pretrained(settings.model, device=settings.device,
-                                                   allow_download=settings.allow_download)
-        if settings.max_batch > 1:
-            from .scheduler import BatchingGenerator
-
-            generator = BatchingGenerator(generator, max_batch=settings.max_batch,
-                                          cache_bytes=settings.prefix_cache_mb * 2**20,
-                                          prefill_chunk=settings.prefill_chunk)
-        engine = cls(generator, open_store(settings.memory_path), settings)
+        get_persona(settings.persona, settings.prompts_dir)  # a wrong name fails before the model loads
+        engine = cls(load_generator(settings), open_store(settings.memory_path), settings)
         engine._owns_generator = True
         return engine
 
@@ -314,21 +223,7 @@ class ChatEngine:
         text = text[: self.settings.max_input_chars] if isinstance(text, str) else text
         text = self._check_message(conversation_id, author, text, author_key, role=role)
         async with self._locks.hold(conversation_id):
-            options = await self.store.get_options(conversation_id)
-            chosen, _ = self.book.resolve(options)
-            earlier = await self.store.newest(conversation_id, max(unless_within, self.settings.max_history_turns))
-            if role == "bot":
-                author, author_key = chosen.speaker, None
-            text = neutralise_speaker_tags(text, self._speakers(earlier, chosen, author))
-            # Only turns the window reads can count as already there.
-            within = min(unless_within, self.settings.max_history_turns - 1)
-            if within > 0 and any(t.role == role and t.text == text for t in earlier[-within:]):
-                return None
-            return await self.store.append(conversation_id, author, role, text, author_key=author_key)  # type: ignore[arg-type]
-
-    def _speakers(self, earlier: list[Turn], chosen: Persona, author: str) -> set[str]:
-        """Every name that may start a turn in this conversation's prompt."""
-        return {t.author for t in earlier} | self.book.speakers | {EXAMPLE_USER, chosen.speaker, author}
+            return await self.steps.remember(conversation_id, author, text, role, author_key, unless_within)
 
     async def export(self, conversation_id: str) -> dict[str, Any]:
         return await self.store.export(check_conversation_id(conversation_id))
@@ -359,7 +254,7 @@ class ChatEngine:
         `GenerationFailed` when the model fails (the user's turn stays stored). An abusive
         message is answered with `Settings.refusal_reply` (``reply.refused``) and not stored.
         """
-        clock = _Clock()
+        clock = StepClock()
         text = self._check_message(conversation_id, author, text, author_key)
         async with self._exchange(conversation_id, author, author_key, text, persona, preset, decoding,
                                   clock) as plan:
@@ -367,7 +262,7 @@ class ChatEngine:
                 return plan
             outcome = await self._generate_checked(plan)
             clock.mark("generate")
-            return await self._finish(plan, clock, outcome)
+            return await self.steps.finish(plan, clock, outcome)
 
     def stream(self, conversation_id: str, author: str, text: str, *, persona: str | None = None,
                preset: str | None = None, decoding: Any = None, author_key: str | None = None) -> ReplyStream:
@@ -384,7 +279,7 @@ class ChatEngine:
     async def _stream(self, holder: ReplyStream, conversation_id: str, author: str, text: str, *,
                       persona: str | None, preset: str | None, decoding: Any,
                       author_key: str | None) -> AsyncIterator[str]:
-        clock = _Clock()
+        clock = StepClock()
         text = self._check_message(conversation_id, author, text, author_key)
         async with self._exchange(conversation_id, author, author_key, text, persona, preset, decoding,
                                   clock) as plan:
@@ -403,45 +298,19 @@ class ChatEngine:
             except ChatbotError:  # a full model queue (`GeneratorBusy`, an `EngineBusy`) among them
                 raise
             except Exception as err:
-                raise self._failed(conversation_id, err) from err
+                raise _failed(conversation_id, err) from err
             assert gated.outcome is not None
-            shown, finish, reasons, attempts = (gated.outcome.text, gated.outcome.finish, gated.outcome.reasons,
-                                                gated.outcome.attempts)
-            if finish == "unsafe" and not shown:
+            outcome = self.steps.streamed(plan, gated.outcome, started)
+            if outcome.finish == "unsafe" and not outcome.text:
                 yield self.settings.unsafe_fallback_reply
-            elif not shown.strip():
+            elif not outcome.text.strip():
                 yield self.settings.fallback_reply
-            n_tokens = self.generator.count_tokens(shown) if shown else 0
-            if finish == "stop":
-                if time.perf_counter() - started >= plan.settings.max_time:
-                    finish = "time"
-                elif n_tokens >= plan.settings.max_new_tokens:
-                    finish = "length"
-            similarity = RepeatCheck(plan.recent_replies, plan.settings).similarity(shown)
             clock.mark("generate")
-            holder.reply = await self._finish(plan, clock, Outcome(shown, finish, n_tokens, reasons, attempts,
-                                                                   similarity))
+            holder.reply = await self.steps.finish(plan, clock, outcome)
 
     # ------------------------------------------------------------------ the steps
 
-    async def _refusal(self, conversation_id: str, text: str, persona: str | None, preset: str | None,
-                       decoding: Any) -> Reply | None:
-        """The refusal `Reply` for an abusive message (nothing stored), or None to go on."""
-        if self.input_filter is None:
-            return None
-        verdict = await asyncio.to_thread(self.input_filter.check, text)
-        if verdict.allowed:
-            return None
-        log.info("%s: refused an abusive message (%s)", conversation_id, "; ".join(verdict.reasons))
-        options = await self.store.get_options(conversation_id)
-        chosen, preset_name = self.book.resolve(options, persona, preset)
-        settings = self.book.decoding(chosen, preset_name, decoding)
-        return Reply(text=self.settings.refusal_reply, conversation_id=conversation_id, persona=chosen.name,
-                     speaker=chosen.speaker, finish_reason="refused", prompt_tokens=0, reply_tokens=0,
-                     window_turns=0, dropped_turn_ids=(), cut_turn_ids=(), user_turn_id=None, bot_turn_id=None,
-                     settings=settings, safety=tuple(f"input {r}" for r in verdict.reasons), refused=True)
-
-    async def _generate_checked(self, plan: _Plan) -> Outcome:
+    async def _generate_checked(self, plan: ExchangePlan) -> Outcome:
         """The reply policy's whole reply (`ReplyPolicy.whole`) for this plan, on the model's worker."""
         context = FilterContext(plan.user_turn.conversation_id, plan.speakers)
         repeat = RepeatCheck(plan.recent_replies, plan.settings)
@@ -455,12 +324,12 @@ class ChatEngine:
         except ChatbotError:
             raise
         except Exception as err:
-            raise self._failed(plan.user_turn.conversation_id, err) from err
+            raise _failed(plan.user_turn.conversation_id, err) from err
 
     @asynccontextmanager
     async def _exchange(self, conversation_id: str, author: str, author_key: str | None, text: str,
                         persona: str | None, preset: str | None, decoding: Any,
-                        clock: _Clock) -> AsyncIterator[_Plan | Reply]:
+                        clock: StepClock) -> AsyncIterator[ExchangePlan | Reply]:
         """Wait for the conversation (messages keep their order), then either refuse an abusive
         message (a `Reply`, nothing stored) or store the user turn and plan the prompt.
 
@@ -471,11 +340,11 @@ class ChatEngine:
         async with self._locks.hold(conversation_id):
             clock.mark("queued")
 
-            async def take() -> _Plan | Reply:
-                refused = await self._refusal(conversation_id, text, persona, preset, decoding)
+            async def take() -> ExchangePlan | Reply:
+                refused = await self.steps.refusal(conversation_id, text, persona, preset, decoding)
                 if refused is not None:
                     return refused
-                return await self._plan(conversation_id, author, author_key, text, persona, preset, decoding)
+                return await self.steps.plan(conversation_id, author, author_key, text, persona, preset, decoding)
 
             plan = await _finish_before_cancel(take())
             if isinstance(plan, Reply):
@@ -484,63 +353,15 @@ class ChatEngine:
             clock.mark("prepare")
             yield plan
 
-    async def _finish(self, plan: _Plan, clock: _Clock, outcome: Outcome) -> Reply:
-        """Store the bot turn (a fallback when the model gave nothing usable) and build the `Reply`."""
-        text, finish = outcome.text, outcome.finish
-        conversation_id = plan.user_turn.conversation_id
-        reset = False
-        if finish == "unsafe" and not text.strip():
-            text = self.settings.unsafe_fallback_reply
-            reset = self.settings.reset_after_unsafe
-        elif not text.strip():
-            text, finish = self.settings.fallback_reply, "fallback"
-        if reset:
-            # As ParlAI does after an unsafe reply: start over, so the model does not build on it.
-            await self.store.reset(conversation_id)
-            bot_turn_id = None
-        else:
-            # Once stored, the reply is returned even to a caller cancelled meanwhile: a stored reply
-            # nobody was given would read, next time, as something the user was told.
-            stored = await _finish_despite_cancel(self.store.append(conversation_id, plan.persona.speaker, "bot", text))
-            bot_turn_id = stored.id
-        clock.timings["total"] = clock.elapsed()
-        return Reply(
-            text=text, conversation_id=conversation_id, persona=plan.persona.name, speaker=plan.persona.speaker,
-            finish_reason=finish, prompt_tokens=plan.prompt_tokens, reply_tokens=outcome.reply_tokens,
-            window_turns=len(plan.window.turns), dropped_turn_ids=plan.window.dropped, cut_turn_ids=plan.window.cut,
-            user_turn_id=plan.user_turn.id, bot_turn_id=bot_turn_id, settings=plan.settings, timings=clock.timings,
-            safety=tuple(outcome.reasons), attempts=outcome.attempts, repeat_similarity=round(outcome.similarity, 3),
-            reset=reset,
-        )
-
-    @staticmethod
-    def _failed(conversation_id: str, err: BaseException) -> GenerationFailed:
-        log.error("generation failed in %s", conversation_id, exc_info=err)
-        return GenerationFailed(f"the model failed to reply ({type(err).__name__}: {err}); "
-                                "the message was kept, try again")
-
     def check_author(self, author: str) -> str:
         """``author`` if a person may speak under that name here (`PersonaBook.check_author`)."""
         return self.book.check_author(author)
 
     def _check_message(self, conversation_id: str, author: str, text: str, author_key: str | None = None, *,
                        role: str = "user") -> str:
-        """The user's text cleaned (`safety.sanitize_input`), literal special tokens made plain, length-checked."""
         if self._closed:
             raise ChatbotError("the engine is closed")
-        check_conversation_id(conversation_id)
-        if role == "user":
-            self.check_author(author)
-        else:
-            check_author(author)
-        if author_key is not None:
-            check_author_key(author_key)  # here, so a bad key fails before the conversation is queued
-        text = break_special_tokens(sanitize_input(text, max_chars=self.settings.max_input_chars),
-                                    self._special_tokens)
-        tokens = self.generator.count_tokens(text)
-        if tokens > self.settings.max_input_tokens:
-            raise InputRejected(f"that message is {tokens:,} tokens long; the limit is {self.settings.max_input_tokens:,}")
-        return text
+        return self.steps.check_message(conversation_id, author, text, author_key, role=role)
 
     async def _in_worker(self, fn: Any, *args: Any) -> Any:
         try:
@@ -549,50 +370,24 @@ class ChatEngine:
             raise ChatbotError("the engine is closed") from None
         return await future
 
-    async def _plan(self, conversation_id: str, author: str, author_key: str | None, text: str,
-                    persona: str | None, preset: str | None, decoding: Any) -> _Plan:
-        """Everything up to the generator: choices checked first, then the user turn stored, then the window."""
-        await self._maybe_expire()
-        options = await self.store.get_options(conversation_id)
-        chosen, preset_name = self.book.resolve(options, persona, preset)
-        settings = self.book.decoding(chosen, preset_name, decoding)
-        plan = self._planner(chosen, settings)
-        # The persona alone must fit the window: checked before the user's turn is stored.
-        await asyncio.to_thread(plan, [])
+def load_generator(settings: Settings) -> Generator:
+    """The generator ``settings`` ask for: the model on its device, its replies decoded together
+    (`BatchingGenerator`) when `Settings.max_batch` is above 1."""
+    from .generation import LocalGenerator
+    from .scheduler import BatchingGenerator
 
-        earlier = await self.store.newest(conversation_id, self.settings.max_history_turns - 1)
-        speakers = self._speakers(earlier, chosen, author)
-        # Nobody may start a fake turn of any speaker of this conversation inside their message.
-        text = neutralise_speaker_tags(text, speakers)
-        user_turn = await self.store.append(conversation_id, author, "user", text, author_key=author_key)
-        turns = [*earlier, user_turn]
-        total = await self.store.count(conversation_id)
-        # Building the window tokenizes the history several times: off the event loop.
-        planned = await asyncio.to_thread(plan, turns, first_position=total - len(turns))
-        window = planned.window
-        recent = tuple(t.text for t in earlier if t.role == "bot")[-settings.repeat_lookback:]
-        if window.dropped:
-            log.info("%s: window dropped %d turns", conversation_id, len(window.dropped))
-        # The user's seed makes the conversation reproducible; each reply samples with a seed of its own.
-        request = GenerationRequest(planned.prompt, seeded_for(settings, conversation_id, total),
-                                    planned.stop_strings, planned.bot_texts, cancel=threading.Event())
-        return _Plan(chosen, settings, request, window, user_turn, window.tokens, recent, tuple(sorted(speakers)))
+    generator = LocalGenerator.from_pretrained(settings.model, device=settings.device,
+                                               allow_download=settings.allow_download)
+    if settings.max_batch == 1:
+        return generator
+    return BatchingGenerator(generator, max_batch=settings.max_batch, cache_bytes=settings.prefix_cache_mb * 2**20,
+                             prefill_chunk=settings.prefill_chunk)
 
-    def _planner(self, persona: Persona, settings: DecodingSettings) -> Callable[..., Any]:
-        """The prompt planner of ``persona``'s conversations under ``settings`` (`prompt_planner`)."""
-        return prompt_planner(self.generator, settings, speaker=persona.speaker, preamble=persona.description,
-                              pinned=persona.example_turns(EXAMPLE_USER), speakers=(EXAMPLE_USER,),
-                              chunk=self.settings.window_chunk)
 
-    async def _maybe_expire(self) -> None:
-        days = self.settings.expire_after_days
-        now = time.monotonic()
-        if days is None or now < self._next_expiry:
-            return
-        self._next_expiry = now + EXPIRY_INTERVAL
-        removed = await self.store.expire(days * 86400)
-        if removed:
-            log.info("expired %d turns older than %g days", removed, days)
+def _failed(conversation_id: str, err: BaseException) -> GenerationFailed:
+    log.error("generation failed in %s", conversation_id, exc_info=err)
+    return GenerationFailed(f"the model failed to reply ({type(err).__name__}: {err}); "
+                            "the message was kept, try again")
 
 
 async def _finish_before_cancel(coro: Awaitable[T]) -> T:
@@ -612,21 +407,6 @@ async def _finish_before_cancel(coro: Awaitable[T]) -> T:
     if cancelled is not None:
         raise cancelled
     return result
-
-
-async def _finish_despite_cancel(coro: Awaitable[T]) -> T:
-    """Await ``coro`` to its end and return its result, dropping a cancellation of the caller that
-    came meanwhile: the work it would have stopped is done, and its result must reach the caller."""
-    task = asyncio.ensure_future(coro)
-    while True:
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.cancelled():
-                raise
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
 
 
 async def iterate_in_thread(make: Callable[[], Iterator[T]], executor: Executor | None = None, *,

@@ -653,3 +653,23 @@ async def test_a_new_output_filter_is_one_registration_and_reaches_every_face(ge
     assert llm.invoke("ada: hi\nBot:") == llm.unsafe_fallback
     assert "".join(llm.stream("ada: hi\nBot:")) == llm.unsafe_fallback
     assert chat.invoke([HumanMessage("hi")]).content == chat.unsafe_fallback
+
+
+async def test_an_engine_takes_its_output_filters_from_its_caller(gen, tiny_prompts, monkeypatch):
+    """The filters are injected: a caller's own chain replaces the one the settings would build."""
+    from chatbot.safety import FilterChain, MentionFilter, Verdict
+
+    class NoPickles:
+        name = "pickles"
+
+        def check(self, text, context):
+            return Verdict("pickle" not in text, text, ("pickles: no pickles",) if "pickle" in text else ())
+
+    script_model(gen, monkeypatch, " i love pickles.\n")
+    settings = Settings(persona="tester", prompts_dir=tiny_prompts, decoding=FAST, unsafe_retries=0)
+    engine = ChatEngine(gen, InMemoryStore(), settings, output_filter=FilterChain([NoPickles(), MentionFilter()]))
+    try:
+        reply = await engine.respond("cli:p", "ada", "what do you like?")
+        assert reply.finish_reason == "unsafe" and reply.safety == ("pickles: no pickles",)
+    finally:
+        await engine.close()
