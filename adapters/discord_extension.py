@@ -1,4 +1,5 @@
-"""The Discord chat cog as a discord.py extension: ``await bot.load_extension("adapters.discord_extension")``.
+"""The Discord chat cog and its slash commands as a discord.py extension:
+``await bot.load_extension("adapters.discord_extension")``.
 
 The client must carry its engine (`adapters.discord_bot.make_bot` builds such a client);
 nothing here is global, so two clients in one process each answer with their own.
@@ -12,6 +13,7 @@ from chatbot.engine import ChatEngine
 from chatbot.errors import ChatbotError
 
 from .discord_bot import ChatCog
+from .discord_commands import MemoryCommands
 
 
 async def setup(bot: commands.Bot) -> None:
@@ -20,3 +22,4 @@ async def setup(bot: commands.Bot) -> None:
         raise ChatbotError("the chat extension needs a client made by adapters.discord_bot.make_bot "
                            "(one that carries its ChatEngine)")
     await bot.add_cog(ChatCog(bot, engine, getattr(bot, "chat_settings", None)))
+    await bot.add_cog(MemoryCommands(engine))

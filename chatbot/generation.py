@@ -380,31 +380,10 @@ class LocalGenerator:
         enc = tok([r.prompt for r in requests], return_tensors="pt", padding=True, truncation=True,
                   max_length=budget, add_special_tokens=False)
         enc = {k: v.to(self.device) for k, v in enc.items()}
-        from transformers import LogitsProcessorList
-
         processors, warpers = self.pipeline(requests, settings, enc["input_ids"].shape[1])
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=settings.max_new_tokens,
-            max_time=settings.max_time,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            # Every processor and warper comes from `logits_pipeline`; transformers' own are set to
-            # do nothing, also where a model's generation_config asks for one (its n-gram ban reads
-            # the whole prompt, so it would forbid echoing the user's words).
-            repetition_penalty=1.0,
-            no_repeat_ngram_size=0,
-            begin_suppress_tokens=None,
-            logits_processor=LogitsProcessorList([*processors, *(warpers or ())]),
-        )
-        if stops:
-            kwargs.update(stop_strings=list(stops), tokenizer=tok)
-        if settings.greedy:
-            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-        else:
-            kwargs.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
-        return enc, kwargs
+        return enc, generate_kwargs(settings, tok, [*processors, *(warpers or ())], stops)
 
     @functools.cached_property
     def byte_piece_ids(self) -> frozenset[int]:
@@ -425,63 +404,16 @@ class LocalGenerator:
         already been shown. Closing the iterator early stops the generation at the next
         token.
         """
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
-
-        closed = threading.Event()
-        arrived: queue.Queue[list[int] | None] = queue.Queue()
-
-        class _Closed(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
-                return closed.is_set() or (request.cancel is not None and request.cancel.is_set())
-
-        class _Tokens(BaseStreamer):
-            """Token ids as `generate` makes them: the prompt first (skipped), then each new token."""
-
-            prompt_seen = False
-
-            def put(self, value: Any) -> None:
-                if self.prompt_seen:
-                    arrived.put(value.reshape(-1).tolist())
-                self.prompt_seen = True
-
-            def end(self) -> None:
-                arrived.put(None)
-
-        failure: list[BaseException] = []
-        streamer = _Tokens()
-
-        def run() -> None:
-            import torch
-
-            try:
-                with torch.inference_mode():
-                    self.model.generate(**enc, **kwargs, streamer=streamer,
-                                        stopping_criteria=StoppingCriteriaList([_Closed()]))
-            except BaseException as err:  # handed to the consumer below
-                failure.append(err)
-                streamer.end()
-            finally:
-                self._model_lock.release()
-
         self._model_lock.acquire()
         try:
             enc, kwargs = self._prepare([request], request.settings, request.stop_strings)
-            worker = threading.Thread(target=run, name="generate-stream", daemon=True)
-            worker.start()
         except BaseException:
             self._model_lock.release()
             raise
+        tokens = _TokenThread(self.model, enc, kwargs, request.cancel, self._model_lock)
         reply = self.reply_text(request.stop_strings)
-        wait = request.settings.max_time + 30
         try:
-            while True:
-                try:
-                    ids = arrived.get(timeout=wait)
-                except queue.Empty:
-                    raise ChatbotError(f"the model gave no token for {wait:g} s") from None
-                if ids is None or (request.cancel is not None and request.cancel.is_set()):
-                    break  # cancelled: tokens made meanwhile are not shown
+            for ids in tokens.arriving(wait=request.settings.max_time + 30):
                 reply.add(ids)
                 piece = reply.release()
                 if piece:
@@ -489,10 +421,8 @@ class LocalGenerator:
                 if reply.stopped:
                     break
         finally:
-            closed.set()
-            worker.join()
-        if failure:
-            raise failure[0]
+            tokens.stop()
+        tokens.check()
         piece = reply.release(final=True)
         if piece:
             yield piece
@@ -535,6 +465,113 @@ class LocalGenerator:
             results.append(GenerationResult(final_text(text, reason, request), int(mask.sum()), n_new, reason,
                                             seconds))
         return results
+
+
+def generate_kwargs(settings: DecodingSettings, tokenizer: Any, processors: Sequence[Any],
+                    stops: Sequence[str]) -> dict[str, Any]:
+    """The `model.generate` keyword arguments for a reply under ``settings``: its length and time,
+    ``processors`` (all of `logits_pipeline`, warpers last) and its stop strings."""
+    from transformers import LogitsProcessorList
+
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=settings.max_new_tokens,
+        max_time=settings.max_time,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        # Every processor and warper comes from `logits_pipeline`; transformers' own are set to
+        # do nothing, also where a model's generation_config asks for one (its n-gram ban reads
+        # the whole prompt, so it would forbid echoing the user's words).
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        begin_suppress_tokens=None,
+        logits_processor=LogitsProcessorList(list(processors)),
+    )
+    if stops:
+        kwargs.update(stop_strings=list(stops), tokenizer=tokenizer)
+    if settings.greedy:
+        kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+    else:
+        kwargs.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+    return kwargs
+
+
+class _TokenThread:
+    """`model.generate` on a thread of its own, its new tokens handed over as they come (through
+    transformers' streamer interface), stopped at the next token by `stop` or ``cancel``.
+
+    ``lock`` is held by the caller on entry and released when the generation ends.
+    """
+
+    def __init__(self, model: Any, enc: dict[str, Any], kwargs: dict[str, Any], cancel: threading.Event | None,
+                 lock: threading.Lock) -> None:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        self.cancel = cancel
+        self._closed = threading.Event()
+        self._arrived: queue.Queue[list[int] | None] = queue.Queue()
+        self._failure: list[BaseException] = []
+        closed, arrived = self._closed, self._arrived
+
+        class _Closed(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> bool:
+                return closed.is_set() or (cancel is not None and cancel.is_set())
+
+        class _Tokens(BaseStreamer):
+            """Token ids as `generate` makes them: the prompt first (skipped), then each new token."""
+
+            prompt_seen = False
+
+            def put(self, value: Any) -> None:
+                if self.prompt_seen:
+                    arrived.put(value.reshape(-1).tolist())
+                self.prompt_seen = True
+
+            def end(self) -> None:
+                arrived.put(None)
+
+        streamer = _Tokens()
+
+        def run() -> None:
+            import torch
+
+            try:
+                with torch.inference_mode():
+                    model.generate(**enc, **kwargs, streamer=streamer, stopping_criteria=StoppingCriteriaList([_Closed()]))
+            except BaseException as err:  # handed to the consumer in `arriving`
+                self._failure.append(err)
+                streamer.end()
+            finally:
+                lock.release()
+
+        try:
+            self._worker = threading.Thread(target=run, name="generate-stream", daemon=True)
+            self._worker.start()
+        except BaseException:
+            lock.release()
+            raise
+
+    def arriving(self, *, wait: float) -> Iterator[list[int]]:
+        """Each new token's ids until the generation ends or is cancelled (tokens made after a
+        cancel are not given); then `stop` and `check`."""
+        while True:
+            try:
+                ids = self._arrived.get(timeout=wait)
+            except queue.Empty:
+                raise ChatbotError(f"the model gave no token for {wait:g} s") from None
+            if ids is None or (self.cancel is not None and self.cancel.is_set()):
+                return
+            yield ids
+
+    def stop(self) -> None:
+        """Stop at the next token and wait for the thread to end."""
+        self._closed.set()
+        self._worker.join()
+
+    def check(self) -> None:
+        """Raise the generation's error, if it failed."""
+        if self._failure:
+            raise self._failure[0]
 
 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")

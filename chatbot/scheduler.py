@@ -61,7 +61,7 @@ from .generation import (
 from .kv_cache import KVBlock, PrefixCache, RowBatch
 from .model_runner import ModelRunner
 
-__all__ = ["BatchingGenerator", "PrefixCache"]
+__all__ = ["BatchingGenerator", "BatchLoop", "PromptPlanner", "RequestQueue", "PrefixCache"]
 
 log = logging.getLogger(__name__)
 
@@ -247,11 +247,58 @@ class PromptPlanner:
             self.staged.remove(seq)
 
 
+class RequestQueue:
+    """Requests submitted and not yet taken by the scheduler thread: at most ``max_size``, thread-safe."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._waiting: deque[_Sequence] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self.closed = False
+
+    def put(self, seq: _Sequence) -> None:
+        """Queue ``seq``; a full queue is `GeneratorBusy` at once, a closed one an error."""
+        with self._lock:
+            if self.closed:
+                raise ChatbotError("the generator is closed")
+            if len(self._waiting) >= self.max_size:
+                raise GeneratorBusy(f"the model has {self.max_size} replies waiting; try again in a moment")
+            self._waiting.append(seq)
+        self._wake.set()
+
+    def take(self, room: int) -> tuple[list[_Sequence], list[_Sequence]]:
+        """The queued requests that were cancelled or ran out of time (removed, so their places are
+        free at once), and up to ``room`` others, oldest first."""
+        with self._lock:
+            gone = [seq for seq in self._waiting if seq.gone()]
+            if gone:
+                ended = {id(seq) for seq in gone}
+                self._waiting = deque(seq for seq in self._waiting if id(seq) not in ended)
+            taken = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+        return gone, taken
+
+    def wait(self, seconds: float) -> None:
+        """Sleep until a request comes (or the queue closes), ``seconds`` at most."""
+        self._wake.wait(seconds)
+        self._wake.clear()
+
+    def close(self) -> None:
+        with self._lock:  # no request can be queued after this
+            self.closed = True
+        self._wake.set()
+
+    def drain(self) -> list[_Sequence]:
+        with self._lock:
+            left, self._waiting = list(self._waiting), deque()
+        return left
+
+
 class BatchingGenerator:
     """A `Generator` that batches concurrent requests on one `LocalGenerator`'s model.
 
     Thread-safe: `generate` and `stream` may be called from many threads at once; a
-    single scheduler thread runs the model. Queue full: `GeneratorBusy` at once.
+    single scheduler thread (`BatchLoop`) runs the model. Queue full: `GeneratorBusy` at once.
     """
 
     def __init__(self, base: LocalGenerator, *, max_batch: int = 16, max_queue: int = 64,
@@ -278,30 +325,22 @@ class BatchingGenerator:
         """Prompt tokens read between two decode steps at most (the rows decoding wait that long)."""
         self.ignore_eos = ignore_eos
         """Decode exactly `max_new_tokens` (benchmarks: both arms then do the same work)."""
-        # The scheduler thread's state: the decoding rows (`_rows`, a `RowBatch`) and the
-        # prompts being read, each into its own row of `_stage` (`_planner`).
-        self._planner = PromptPlanner(max_batch, min(STAGE_ROWS, max_batch))
+        self.queue = RequestQueue(max_queue)
         # Allocated once, here, so that a `max_batch` too large for the device fails now.
         import torch
 
         from .gpt2_step import PackedStep
 
         try:
-            self._rows = RowBatch(KVBlock(self.model, max_batch, self.context_size + SPARE_COLUMNS))
-            self._stage = KVBlock(self.model, min(STAGE_ROWS, max_batch), self.context_size)
-            self.runner = ModelRunner(self.model, self._rows, self._stage, self.cache,
+            rows = RowBatch(KVBlock(self.model, max_batch, self.context_size + SPARE_COLUMNS))
+            stage = KVBlock(self.model, min(STAGE_ROWS, max_batch), self.context_size)
+            self.runner = ModelRunner(self.model, rows, stage, self.cache,
                                       PackedStep(self.model) if packed and PackedStep.supports(self.model) else None)
         except (MemoryError, torch.OutOfMemoryError) as err:
             raise ChatbotError(f"no memory for the keys/values of `max_batch` {max_batch} replies of up to "
                                f"{self.context_size} tokens ({type(err).__name__}); lower `max_batch`") from None
-        self._waiting: deque[_Sequence] = deque()
-        """Submitted, not yet taken by the scheduler; at most `max_queue`. Guarded by `_lock`."""
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._closed = False
-        self.steps = 0
-        self.rows_stepped = 0
-        self._thread = threading.Thread(target=self._run, name="batch-scheduler", daemon=True)
+        self.loop = BatchLoop(self, rows, stage)
+        self._thread = threading.Thread(target=self.loop.run, name="batch-scheduler", daemon=True)
         self._thread.start()
 
     @classmethod
@@ -317,9 +356,7 @@ class BatchingGenerator:
         return self.base.encode(text)
 
     def close(self) -> None:
-        with self._lock:  # no request can be queued after this
-            self._closed = True
-        self._wake.set()
+        self.queue.close()
         self._thread.join(timeout=10)
 
     # ------------------------------------------------------------------ the Generator contract
@@ -335,12 +372,16 @@ class BatchingGenerator:
         ``prompt_ids``, when given, are read instead of encoding ``request.prompt`` (a caller that
         keeps a conversation as token ids, as the benchmark does, so no text round trip changes them).
         """
-        return self._submit(request, stream=False, prompt_ids=prompt_ids)
+        seq = self.new_sequence(request, prompt_ids)
+        seq.future = Future()
+        self.queue.put(seq)
+        return seq
 
     def stream(self, request: GenerationRequest) -> Iterator[str]:
         """The reply in pieces as its tokens are decoded (never any part of a stop string)."""
-        seq = self._submit(request, stream=True)
-        assert seq.pieces is not None
+        seq = self.new_sequence(request)
+        seq.pieces = queue.Queue()
+        self.queue.put(seq)
         try:
             while True:
                 kind, value = seq.pieces.get()
@@ -358,25 +399,9 @@ class BatchingGenerator:
                 if request.cancel is not None:
                     request.cancel.set()
 
-    # ------------------------------------------------------------------ submitting
-
-    def _submit(self, request: GenerationRequest, *, stream: bool,
-                prompt_ids: Sequence[int] | None = None) -> _Sequence:
-        seq = self._new_sequence(request, prompt_ids)
-        if stream:
-            seq.pieces = queue.Queue()
-        else:
-            seq.future = Future()
-        with self._lock:
-            if self._closed:
-                raise ChatbotError("the generator is closed")
-            if len(self._waiting) >= self.max_queue:
-                raise GeneratorBusy(f"the model has {self.max_queue} replies waiting; try again in a moment")
-            self._waiting.append(seq)
-        self._wake.set()
-        return seq
-
-    def _new_sequence(self, request: GenerationRequest, prompt_ids: Sequence[int] | None = None) -> _Sequence:
+    def new_sequence(self, request: GenerationRequest, prompt_ids: Sequence[int] | None = None) -> _Sequence:
+        """``request`` ready to be read and decoded: its prompt's ids (the newest that fit), its
+        logits processors and warpers, its own sampler, its reply text with its stop strings."""
         import torch
 
         s = request.settings
@@ -400,69 +425,103 @@ class BatchingGenerator:
         return _Sequence(request, list(ids), len(ids), processors, warpers, sampler, now + s.max_time, now,
                          reply=reply)
 
-    # ------------------------------------------------------------------ the scheduler thread
+    # ------------------------------------------------------------------ what the loop has done
 
-    def _run(self) -> None:
+    def in_flight(self) -> int:
+        """Requests being read or decoded now (those still queued not counted)."""
+        return len(self.loop.in_flight())
+
+    @property
+    def steps(self) -> int:
+        """Decode steps run."""
+        return self.loop.steps
+
+    @property
+    def rows_stepped(self) -> int:
+        """Rows decoded, over all steps (over `steps`: the mean batch)."""
+        return self.loop.rows_stepped
+
+    @property
+    def moves(self) -> int:
+        """Times every row's keys/values were moved (a long prompt joining, or compaction)."""
+        return self.loop.rows.moves
+
+    @property
+    def splits(self) -> int:
+        """Decode steps split in two because memory ran out."""
+        return self.runner.splits
+
+    @property
+    def oom_retries(self) -> int:
+        return self.runner.oom_retries
+
+
+class BatchLoop:
+    """The scheduler thread of a `BatchingGenerator`: takes queued requests, reads their prompts,
+    decodes a token for every row each step, and hands each reply over as it ends."""
+
+    def __init__(self, owner: BatchingGenerator, rows: RowBatch, stage: KVBlock) -> None:
+        self.owner = owner
+        self.queue = owner.queue
+        self.runner = owner.runner
+        self.cache = owner.cache
+        self.rows = rows
+        """The decoding rows (a `RowBatch`)."""
+        self.stage = stage
+        """The prompts being read, each into its own row (`planner`)."""
+        self.planner = PromptPlanner(owner.max_batch, min(STAGE_ROWS, owner.max_batch))
+        self.eos = None if owner.ignore_eos else owner.tokenizer.eos_token_id
+        self.steps = 0
+        self.rows_stepped = 0
+
+    def run(self) -> None:
         import torch
 
-        while not self._closed:
-            self._admit()
-            if not (self._batch or self._planner.waiting()):
+        while not self.queue.closed:
+            self.admit()
+            if not (self.batch or self.planner.waiting()):
                 self.runner.batch_emptied()
-                self._wake.wait(0.05)
-                self._wake.clear()
+                self.queue.wait(0.05)
                 continue
             try:
                 with torch.inference_mode():
                     if self.runner.packing:
-                        self._packed_step()
+                        self.packed_step()
                     else:
-                        self._read_prompts()
-                        if self._batch:
-                            self._step()
-                    if self._batch:
-                        self._leave()
+                        self.read_prompts()
+                        if self.batch:
+                            self.step()
+                    if self.batch:
+                        self.leave()
             except Exception as err:  # a model failure fails every request in flight, not the thread
                 log.exception("batched generation failed")
-                for seq in self._in_flight():
-                    self._fail(seq, err)
-                self._rows.clear()
-                self._planner.clear()
+                for seq in self.in_flight():
+                    seq.fail(err)
+                self.rows.clear()
+                self.planner.clear()
                 if isinstance(err, torch.OutOfMemoryError) and torch.cuda.is_available():
                     torch.cuda.empty_cache()
         closed = ChatbotError("the generator is closed")
-        with self._lock:
-            left, self._waiting = [*self._in_flight(), *self._waiting], deque()
-        for seq in left:
-            self._fail(seq, closed)
+        for seq in [*self.in_flight(), *self.queue.drain()]:
+            seq.fail(closed)
 
     @property
-    def _batch(self) -> list[_Sequence]:
+    def batch(self) -> list[_Sequence]:
         """The decoding rows' requests, in row order."""
-        return self._rows.seqs
+        return self.rows.seqs
 
-    def _in_flight(self) -> list[_Sequence]:
-        return [*self._batch, *self._planner.waiting()]
+    def in_flight(self) -> list[_Sequence]:
+        return [*self.batch, *self.planner.waiting()]
 
-    def in_flight(self) -> int:
-        """Requests being read or decoded now (those still queued not counted)."""
-        return len(self._in_flight())
-
-    def _admit(self) -> None:
+    def admit(self) -> None:
         """End queued requests that were cancelled or ran out of time (their callers and queue
         places are freed at once), and take the others while the batch has room for them."""
-        with self._lock:
-            gone = [seq for seq in self._waiting if seq.gone()]
-            if gone:
-                ended = {id(seq) for seq in gone}
-                self._waiting = deque(seq for seq in self._waiting if id(seq) not in ended)
-            room = self._planner.room(len(self._batch))
-            taken = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+        gone, taken = self.queue.take(self.planner.room(len(self.batch)))
         for seq in gone:
-            self._over(seq)
-        self._planner.pending.extend(taken)
+            self.over(seq)
+        self.planner.pending.extend(taken)
 
-    def _over(self, seq: _Sequence) -> bool:
+    def over(self, seq: _Sequence) -> bool:
         """Ends a request that was cancelled or ran out of time before it could start decoding."""
         if seq.delivered:
             return True
@@ -472,10 +531,10 @@ class BatchingGenerator:
             seq.done = "time"
         else:
             return False
-        self._finish(seq)
+        self.finish(seq)
         return True
 
-    def _read_prompts(self) -> None:
+    def read_prompts(self) -> None:
         """Read waiting prompts with the model's own forward, `prefill_chunk` tokens between two
         decode steps at most (any number while nothing is decoding).
 
@@ -487,63 +546,49 @@ class BatchingGenerator:
         import torch
 
         while True:
-            plan = self._plan()
+            plan = self.plan()
             for seq, m in plan:
                 try:
                     m = self.runner.read_chunk(seq, m)
                 except torch.OutOfMemoryError as err:  # even one token at a time did not fit: this request fails
-                    self._planner.staged.remove(seq)
-                    self._fail(seq, err)
+                    self.planner.staged.remove(seq)
+                    seq.fail(err)
                     continue
                 # Outside the `try`: running out of memory while joining the batch may leave the
                 # batch's rows half moved, so it must fail every request, as any other failure does.
-                self._planner.read(seq, m, self._place)
-            if self._batch or not plan:
+                self.planner.read(seq, m, self.place)
+            if self.batch or not plan:
                 return
 
-    def _plan(self) -> list[tuple[_Sequence, int]]:
-        return self._planner.plan(self.prefill_chunk, over=self._over, start=self.runner.start_reading,
-                                  place=self._place)
+    def plan(self) -> list[tuple[_Sequence, int]]:
+        return self.planner.plan(self.owner.prefill_chunk, over=self.over, start=self.runner.start_reading,
+                                 place=self.place)
 
-    def _place(self, seq: _Sequence) -> None:
+    def place(self, seq: _Sequence) -> None:
         """Move a read prompt into the batch."""
-        self._rows.place(seq, self._stage, seq.stage_row, len(seq.ids) - 1)
+        self.rows.place(seq, self.stage, seq.stage_row, len(seq.ids) - 1)
 
-    @property
-    def moves(self) -> int:
-        """Times every row's keys/values were moved (a long prompt joining, or compaction)."""
-        return self._rows.moves
-
-    @property
-    def splits(self) -> int:
-        """Decode steps split in two because memory ran out."""
-        return self.runner.splits
-
-    @property
-    def oom_retries(self) -> int:
-        return self.runner.oom_retries
-
-    def _step(self) -> None:
+    def step(self) -> None:
         """One token for every row of the batch."""
-        self._take(self.runner.decode(self._fail))
+        self.take(self.runner.decode(lambda seq, err: seq.fail(err)))
 
-    def _packed_step(self) -> None:
+    def packed_step(self) -> None:
         """GPT-2: one token for every row and the next pieces of the prompts being read, in one pass."""
-        plan = self._plan()
-        n = len(self._batch)
+        plan = self.plan()
+        n = len(self.batch)
         if not (plan or n):  # every waiting request was cancelled or out of time
             return
         done, logits = self.runner.packed_pass(plan)
         if not done:
             return
         for seq, m in plan:
-            self._planner.read(seq, m, self._place)
+            self.planner.read(seq, m, self.place)
         if logits is not None:
-            self._take(logits, n)
+            self.take(logits, n)
 
-    def _take(self, logits: Any, rows: int | None = None) -> None:
+    def take(self, logits: Any, rows: int | None = None) -> None:
         """Choose and record the next token of the first ``rows`` rows (all of them by default)."""
-        batch = self._batch if rows is None else self._batch[:rows]
+        batch = self.batch if rows is None else self.batch[:rows]
         self.steps += 1
         self.rows_stepped += len(batch)
         for row, seq in enumerate(batch):
@@ -553,47 +598,43 @@ class BatchingGenerator:
                 token = seq.choose(logits[row: row + 1])
             except Exception as err:  # one request's settings or processors failing end that request only
                 log.exception("choosing a token failed")
-                self._fail(seq, err)
+                seq.fail(err)
                 continue
-            self._advance(seq, token)
+            self.advance(seq, token)
 
-    def _advance(self, seq: _Sequence, token: int) -> None:
+    def advance(self, seq: _Sequence, token: int) -> None:
         """The row's next token is ``token``: recorded, and the reply finished when it ends."""
-        seq.take(token, eos=None if self.ignore_eos else self.tokenizer.eos_token_id, context_size=self.context_size)
+        seq.take(token, eos=self.eos, context_size=self.owner.context_size)
         if seq.done is not None:
-            self._finish(seq)
+            self.finish(seq)
 
-    def _finish(self, seq: _Sequence) -> None:
+    def finish(self, seq: _Sequence) -> None:
         if seq.delivered:
             return
         # Only a reply that ended by itself: a cancelled, late or failed one is not tried again.
         if seq.done == "stop" and sample_again(seq.text, seq.request.settings, seq.attempt):
-            self._sample_again(seq)
+            self.sample_again(seq)
             return
         seq.deliver()
 
-    def _sample_again(self, seq: _Sequence) -> None:
+    def sample_again(self, seq: _Sequence) -> None:
         """A sampled reply that came out empty is sampled again with another seed, as
         `LocalGenerator.generate` does; its caller sees only the new try."""
         request = replace(seq.request, settings=settings_for_try(seq.request.settings, seq.attempt + 1))
-        again = self._new_sequence(request, seq.ids[: seq.prompt_len])
+        again = self.owner.new_sequence(request, seq.ids[: seq.prompt_len])
         again.request = seq.request  # the caller's cancel event and settings stay the ones it holds
         again.future, again.pieces, again.attempt = seq.future, seq.pieces, seq.attempt + 1
         again.deadline, again.started = seq.deadline, seq.started
         seq.delivered = True  # this try is over; its row leaves as usual
-        self._planner.pending.appendleft(again)
+        self.planner.pending.appendleft(again)
 
-    @staticmethod
-    def _fail(seq: _Sequence, err: BaseException) -> None:
-        seq.fail(err)
-
-    def _leave(self) -> None:
+    def leave(self) -> None:
         """Finished rows leave; their keys/values go to the prefix cache, and the last row takes their place."""
         import torch
 
-        rows = self._rows
-        for i in reversed([i for i, s in enumerate(self._batch) if s.done is not None]):
-            seq = self._batch[i]
+        rows = self.rows
+        for i in reversed([i for i, s in enumerate(self.batch) if s.done is not None]):
+            seq = self.batch[i]
             if seq.done != "error" and self.cache.max_bytes:
                 # The row holds ids[:-1]: the prompt and the reply but its last token.
                 try:
@@ -601,5 +642,5 @@ class BatchingGenerator:
                 except torch.OutOfMemoryError:  # keeping it is only a saving for later
                     self.runner.after_oom()
             rows.remove(i)
-        if not self._batch:
+        if not self.batch:
             self.runner.batch_emptied()

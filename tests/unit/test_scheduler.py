@@ -51,7 +51,7 @@ def test_several_prompts_are_read_in_one_packed_pass_and_give_the_same_tokens(ro
     alone = [roomy_gen.generate([r])[0] for r in requests()]
     sched = BatchingGenerator(roomy_gen, max_batch=8)
     passes = []
-    real_pass, real_admit = sched.runner.packed, sched._admit
+    real_pass, real_admit = sched.runner.packed, sched.loop.admit
     go = threading.Event()
 
     def packed(*args, pieces=(), **kwargs):
@@ -63,7 +63,7 @@ def test_several_prompts_are_read_in_one_packed_pass_and_give_the_same_tokens(ro
         real_admit()
 
     monkeypatch.setattr(sched.runner, "packed", packed)
-    monkeypatch.setattr(sched, "_admit", admit)
+    monkeypatch.setattr(sched.loop, "admit", admit)
     try:
         handles = [sched.submit(r) for r in requests()]
         go.set()
@@ -439,7 +439,7 @@ def test_closing_ends_every_request_queued_running_or_streaming(roomy_gen):
 
 
 def test_a_failure_while_a_read_prompt_joins_the_batch_fails_it_and_the_next_request_succeeds(roomy_gen, sched, monkeypatch):
-    real = sched._place
+    real = sched.loop.place
     calls = []
 
     def failing(seq):
@@ -448,7 +448,7 @@ def test_a_failure_while_a_read_prompt_joins_the_batch_fails_it_and_the_next_req
             raise RuntimeError("no room (simulated)")
         return real(seq)
 
-    monkeypatch.setattr(sched, "_place", failing)
+    monkeypatch.setattr(sched.loop, "place", failing)
     first = sched.submit(GenerationRequest(PROMPTS[0], GREEDY, STOPS))
     with pytest.raises(RuntimeError, match="no room"):
         first.future.result(timeout=60)
@@ -487,18 +487,18 @@ def test_a_max_batch_too_large_for_memory_is_refused_at_start(roomy_gen, monkeyp
 
 
 def test_a_sampled_reply_that_comes_out_empty_is_sampled_again(sched, monkeypatch):
-    real = sched._advance
+    real = sched.loop.advance
     tries = []
 
     def first_try_empty(seq, token):
         tries.append(seq.attempt)
         if seq.attempt == 0:  # the model closed its turn at once
             seq.done, seq.text = "stop", ""
-            sched._finish(seq)
+            sched.loop.finish(seq)
             return
         real(seq, token)
 
-    monkeypatch.setattr(sched, "_advance", first_try_empty)
+    monkeypatch.setattr(sched.loop, "advance", first_try_empty)
     sampled = DecodingSettings(temperature=0.9, max_new_tokens=6, seed=3, max_time=60)
     result = sched.generate([GenerationRequest(PROMPTS[0], sampled, ())])[0]
     assert 0 in tries and 1 in tries
