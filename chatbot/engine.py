@@ -28,7 +28,7 @@ from .decoding import get_preset
 from .errors import ChatbotError, EngineBusy, GenerationFailed
 from .exchange import ExchangePlan, Exchanges, Reply, StepClock
 from .generation import Generator
-from .memory import MemoryStore, check_author_key, open_store
+from .memory import MemoryStore, open_store
 from .personas import PersonaBook
 from .prompting import Persona, get_persona
 from .reply_policy import Outcome, RepeatCheck, ReplyPolicy
@@ -164,13 +164,11 @@ class ChatEngine:
 
     async def choices(self, conversation_id: str) -> tuple[Persona, str]:
         """The persona and decoding preset this conversation uses now."""
-        check_conversation_id(conversation_id)
         options = await self.store.get_options(conversation_id)
         return self.book.resolve(options)
 
     async def set_persona(self, conversation_id: str, name: str | None) -> Persona:
         """Choose this conversation's persona (kept across restarts); None goes back to the default."""
-        check_conversation_id(conversation_id)
         if name is not None:
             self.persona(name)
         await self.store.set_option(conversation_id, "persona", name)
@@ -178,19 +176,20 @@ class ChatEngine:
 
     async def set_preset(self, conversation_id: str, name: str | None) -> str:
         """Choose this conversation's decoding preset; None goes back to the persona's."""
-        check_conversation_id(conversation_id)
         if name is not None:
             get_preset(name)
         await self.store.set_option(conversation_id, "preset", name)
         return (await self.choices(conversation_id))[1]
 
     # ------------------------------------------------------------------ memory operations
+    # The store checks each conversation id and author key (`memory.StoreBase`); the engine checks
+    # them itself only where a mistake must fail before a conversation is queued (`Exchanges.check_message`).
 
     async def history(self, conversation_id: str, limit: int = 50) -> list[Turn]:
-        return await self.store.newest(check_conversation_id(conversation_id), limit)
+        return await self.store.newest(conversation_id, limit)
 
     async def count(self, conversation_id: str) -> int:
-        return await self.store.count(check_conversation_id(conversation_id))
+        return await self.store.count(conversation_id)
 
     async def reset(self, conversation_id: str) -> int:
         """Forget a conversation's turns (its persona and preset choices stay)."""
@@ -201,12 +200,12 @@ class ChatEngine:
         """Delete everything the person with ``author_key`` said, in every conversation; returns
         how many turns. The key is the one given to `respond`/`stream`, or the author name
         for messages sent without one. The bot's replies stay."""
-        return await self.store.forget_author(check_author_key(author_key))
+        return await self.store.forget_author(author_key)
 
     async def export_author(self, author_key: str) -> dict[str, Any]:
         """Everything the person with ``author_key`` said, in every conversation, grouped by
         conversation (see `MemoryStore.export_author`)."""
-        return await self.store.export_author(check_author_key(author_key))
+        return await self.store.export_author(author_key)
 
     async def remember(self, conversation_id: str, author: str, text: str, *, role: str = "user",
                        author_key: str | None = None, unless_within: int = 0) -> Turn | None:
@@ -226,7 +225,7 @@ class ChatEngine:
             return await self.steps.remember(conversation_id, author, text, role, author_key, unless_within)
 
     async def export(self, conversation_id: str) -> dict[str, Any]:
-        return await self.store.export(check_conversation_id(conversation_id))
+        return await self.store.export(conversation_id)
 
     async def close(self) -> None:
         """Refuse new messages, let those already accepted finish, then close the store."""
