@@ -18,8 +18,8 @@ DISCORD_MAX_BATCH = 8
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     d = sub.add_parser("discord", parents=[common], help="run the Discord bot (needs DISCORD_TOKEN)",
                        description="Log in to Discord with the token in DISCORD_TOKEN (or `token` in the [discord] "
-                                   "table of the settings file) and answer mentions, replies, DMs and the configured channels "
-                                   "until Ctrl-C or SIGTERM. Memory is the same SQLite file the terminal chat uses.")
+                                   "table of the settings file) and answer mentions, replies, DMs and the configured "
+                                   "channels until Ctrl-C or SIGTERM. Memory is the same SQLite file the terminal chat uses.")
     config_option(d)
     model_option(d)
     d.add_argument("--memory", default=None, help="SQLite file for conversations (default: the settings' memory_path)")

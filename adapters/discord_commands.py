@@ -50,8 +50,9 @@ class MemoryCommands(commands.Cog, name="Memory"):
         # Resetting waits for a reply in progress here to finish; Discord wants an answer
         # within 3 s, so acknowledge first and say what happened when it is done.
         await interaction.response.defer(thinking=True)
-        removed = await self.engine.reset(conversation_id_for(interaction.channel, interaction.user))
-        log.info("%s reset by %s (%d turns)", conversation_id_for(interaction.channel, interaction.user), interaction.user.id, removed)
+        conversation_id = conversation_id_for(interaction.channel, interaction.user)
+        removed = await self.engine.reset(conversation_id)
+        log.info("%s reset by %s (%d turns)", conversation_id, interaction.user.id, removed)
         await interaction.followup.send(
             f"Done: I forgot this conversation ({removed} messages). Persona and style stay as they were.",
             allowed_mentions=NO_MENTIONS)

@@ -361,5 +361,6 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
             raise ChatbotError(f"environment variable {name}: set one decoding key at a time, "
                                f"e.g. {ENV_PREFIX}DECODING__TEMPERATURE=0.6")
         else:
-            raise ChatbotError(f"environment variable {name}: {_moved(key, known) or f'`{key}` is not a known setting'}")
+            problem = _moved(key, known) or f"`{key}` is not a known setting"
+            raise ChatbotError(f"environment variable {name}: {problem}")
     return values

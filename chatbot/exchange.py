@@ -147,7 +147,8 @@ class Exchanges:
                                     self._special_tokens)
         tokens = self.generator.count_tokens(text)
         if tokens > self.settings.max_input_tokens:
-            raise InputRejected(f"that message is {tokens:,} tokens long; the limit is {self.settings.max_input_tokens:,}")
+            raise InputRejected(f"that message is {tokens:,} tokens long; "
+                                f"the limit is {self.settings.max_input_tokens:,}")
         return text
 
     async def refusal(self, conversation_id: str, text: str, persona: str | None, preset: str | None,
@@ -220,7 +221,8 @@ class Exchanges:
         within = min(unless_within, self.settings.max_history_turns - 1)
         if within > 0 and any(t.role == role and t.text == text for t in earlier[-within:]):
             return None
-        return await self.store.append(conversation_id, author, role, text, author_key=author_key)  # type: ignore[arg-type]
+        return await self.store.append(conversation_id, author, role, text,  # type: ignore[arg-type]
+                                       author_key=author_key)
 
     def streamed(self, plan: ExchangePlan, outcome: Outcome, started: float) -> Outcome:
         """The outcome of a sentence-gated reply as `finish` takes it: its length, why it ended

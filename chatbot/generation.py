@@ -537,7 +537,8 @@ class _TokenThread:
 
             try:
                 with torch.inference_mode():
-                    model.generate(**enc, **kwargs, streamer=streamer, stopping_criteria=StoppingCriteriaList([_Closed()]))
+                    model.generate(**enc, **kwargs, streamer=streamer,
+                                   stopping_criteria=StoppingCriteriaList([_Closed()]))
             except BaseException as err:  # handed to the consumer in `arriving`
                 self._failure.append(err)
                 streamer.end()
