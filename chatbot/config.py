@@ -198,6 +198,12 @@ class Settings(BaseModel):
     """Sent instead of a reply that stayed toxic after the retries."""
     reset_after_unsafe: bool = False
     """Forget the conversation after a reply had to be replaced, so the model does not build on it."""
+    response_bank: tuple[str, ...] = ("chitchat",)
+    """Replies people wrote, as candidates beside the model's own, the best chosen by the model
+    (`chatbot/response_bank.py`), from one bank of: ``chitchat`` (the bundled corpus) and JSON lines
+    files of ``{"context": ..., "reply": ...}`` pairs; empty for the model's replies alone."""
+    bank_candidates: int = Field(30, ge=1, le=500)
+    """Bank replies scored for each message when `response_bank` is set."""
     fallback_reply: str = Field("Sorry, I lost my train of thought. Could you say that another way?",
                                 min_length=1, max_length=500)
     """What the bot says when the model produces nothing usable."""
@@ -232,6 +238,14 @@ class Settings(BaseModel):
             raise ValueError(f"`{unknown[0]}` is not a known setting (sections: {', '.join(sorted(known)) or 'none'})")
         out["sections"] = {name: _section_values(known[name], table) for name, table in tables.items()}
         return out
+
+    @field_validator("response_bank", mode="before")
+    @classmethod
+    def _bank_sources(cls, value: Any) -> Any:
+        # One name is a bank of one source; "a,b" (the environment's way) is two; "" is none.
+        if isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        return value
 
     @field_validator("device")
     @classmethod
@@ -351,12 +365,12 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
                 values.setdefault(table, {})[sub] = None if raw.strip() in ("", "none") else raw
             else:
                 values.setdefault(table, {})[sub] = raw
-        elif key in ("blocklist", "allowlist"):
+        elif key in ("blocklist", "allowlist", "response_bank"):
             values[key] = tuple(w.strip() for w in raw.split(",") if w.strip())
         elif key in fields and key != "decoding":
             values[key] = raw
-        elif key == "config":
-            continue  # names the settings file itself; read by the command line
+        elif key in ("config", "cache"):
+            continue  # the settings file itself (read by the command line); where built banks are kept
         elif key == "decoding":
             raise ChatbotError(f"environment variable {name}: set one decoding key at a time, "
                                f"e.g. {ENV_PREFIX}DECODING__TEMPERATURE=0.6")

@@ -55,6 +55,10 @@ def check_author(author: object) -> str:
     return author
 
 
+CONTEXT_TURNS = 4
+"""Newest turns a request carries as plain texts (`PromptPlan.turn_texts`) for a reply search."""
+
+
 @dataclass(frozen=True)
 class Turn:
     """One stored message of a conversation."""
@@ -177,6 +181,8 @@ class PromptPlan:
     """The format's stops for every speaker in the window (and the ``speakers`` given)."""
     bot_texts: tuple[str, ...]
     """The bot's turns in the window, oldest first, for the repetition controls."""
+    turn_texts: tuple[str, ...] = ()
+    """The window's newest turns (up to `CONTEXT_TURNS`), oldest first: `GenerationRequest.context`."""
 
 
 def plan_prompt(turns: Sequence[Turn], *, fmt: Any, speaker: str, count_tokens: Callable[[str], int], budget: int,
@@ -191,7 +197,8 @@ def plan_prompt(turns: Sequence[Turn], *, fmt: Any, speaker: str, count_tokens: 
                           pinned=pinned, first_position=first_position, chunk=chunk)
     in_window = sorted({t.author for t in window.turns} | {speaker, *speakers})
     return PromptPlan(window, render(window.preamble, window.pinned, window.turns),
-                      tuple(fmt.stop_strings(in_window)), tuple(t.text for t in window.turns if t.role == "bot"))
+                      tuple(fmt.stop_strings(in_window)), tuple(t.text for t in window.turns if t.role == "bot"),
+                      tuple(t.text for t in window.turns[-CONTEXT_TURNS:]))
 
 
 def prompt_planner(generator: Generator, settings: DecodingSettings, *, speaker: str, preamble: str = "",

@@ -371,16 +371,20 @@ class ChatEngine:
 
 def load_generator(settings: Settings) -> Generator:
     """The generator ``settings`` ask for: the model on its device, its replies decoded together
-    (`BatchingGenerator`) when `Settings.max_batch` is above 1."""
+    (`BatchingGenerator`) when `Settings.max_batch` is above 1, choosing among a response bank's
+    replies too (`BankedGenerator`) when `Settings.response_bank` names one."""
     from .generation import LocalGenerator
+    from .response_bank import banked
     from .scheduler import BatchingGenerator
 
     generator = LocalGenerator.from_pretrained(settings.model, device=settings.device,
                                                allow_download=settings.allow_download)
-    if settings.max_batch == 1:
-        return generator
-    return BatchingGenerator(generator, max_batch=settings.max_batch, cache_bytes=settings.prefix_cache_mb * 2**20,
-                             prefill_chunk=settings.prefill_chunk)
+    if settings.max_batch > 1:
+        generator = BatchingGenerator(generator, max_batch=settings.max_batch,
+                                      cache_bytes=settings.prefix_cache_mb * 2**20, prefill_chunk=settings.prefill_chunk)
+    if settings.response_bank:
+        generator = banked(generator, settings.response_bank, settings.bank_candidates)
+    return generator
 
 
 def _failed(conversation_id: str, err: BaseException) -> GenerationFailed:

@@ -194,7 +194,8 @@ class Exchanges:
             log.info("%s: window dropped %d turns", conversation_id, len(window.dropped))
         # The user's seed makes the conversation reproducible; each reply samples with a seed of its own.
         request = GenerationRequest(planned.prompt, seeded_for(settings, conversation_id, total),
-                                    planned.stop_strings, planned.bot_texts, cancel=threading.Event())
+                                    planned.stop_strings, planned.bot_texts, cancel=threading.Event(),
+                                    context=planned.turn_texts)
         return ExchangePlan(chosen, settings, request, window, user_turn, window.tokens, recent,
                             tuple(sorted(speakers)))
 

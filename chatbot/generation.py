@@ -49,6 +49,9 @@ class GenerationRequest:
     where `generate` must give exactly the text `stream` shows."""
     cancel: threading.Event | None = field(default=None, compare=False, repr=False)
     """Set it (from any thread) to end this request at its next token: whoever asked has gone."""
+    context: tuple[str, ...] = ()
+    """The texts of the conversation's newest turns in the prompt, oldest first, the message being
+    answered last: what a generator that searches replies people wrote (`response_bank`) looks for."""
 
     def retry(self, attempt: int) -> GenerationRequest:
         """The same request for another try: a new seed, and sampling where this one is greedy
@@ -426,6 +429,34 @@ class LocalGenerator:
         piece = reply.release(final=True)
         if piece:
             yield piece
+
+    def score(self, prompt: str, continuations: Sequence[str]) -> list[float]:
+        """Each continuation's mean log-probability per token after ``prompt`` (the prompt's newest
+        tokens that fit with it), counting the format's end of a turn: how well it fits there."""
+        import torch
+
+        end = self.format.stop_strings()[0] if self.format.name == "transcript" else self.tokenizer.eos_token
+        head = self.encode(prompt)
+        rows, spans = [], []
+        for text in continuations:
+            tail = self.encode(" " + text.strip() + end if self.format.name == "transcript" else text.strip() + end)
+            tail = tail[: self.context_size - 1]
+            ids = (head + tail)[-self.context_size:]
+            rows.append(ids)
+            spans.append(len(tail))
+        if not rows:
+            return []
+        width = max(map(len, rows))
+        pad = self.tokenizer.eos_token_id
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
+        with self._model_lock, torch.inference_mode():
+            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None])[..., 0]
+        scores = []
+        for i, (r, n) in enumerate(zip(rows, spans)):
+            scores.append(float(logp[i, len(r) - 1 - n: len(r) - 1].mean()))
+        return scores
 
     def _generate_batch(
         self, requests: Sequence[GenerationRequest], settings: DecodingSettings, stops: tuple[str, ...]

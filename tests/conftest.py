@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Built response banks are kept for the run in a folder of its own, not in the user's cache.
+os.environ.setdefault("CHATBOT_CACHE", tempfile.mkdtemp(prefix="chatbot-test-cache-"))
 
 DIALOGUE = [
     [("ada", "hi there, how are you?"), ("bob", "i am good, thanks. and you?"), ("ada", "great, just got back from a run")],

@@ -49,3 +49,25 @@ async def test_a_long_conversation_fits_the_context_and_keeps_the_persona(engine
     assert reply.prompt_tokens <= shipped.context_size - reply.settings.max_new_tokens
     assert len(reply.dropped_turn_ids) % 8 == 0 and len(reply.dropped_turn_ids) > 90
     assert engine.prompts[-1].startswith(engine.persona("friendly").description)
+
+
+async def test_the_default_engine_answers_from_the_bundled_bank_and_an_operators_file(tmp_path):
+    """The shipped default: the model chooses among bank replies and its own (`response_bank`)."""
+    import json
+
+    faq = tmp_path / "faq.jsonl"
+    faq.write_text(json.dumps({"context": "who made you?",
+                               "reply": "the mods of this server set me up, ask them anything"}) + "\n",
+                   encoding="utf-8")
+    engine = ChatEngine.from_settings(Settings(memory_path=":memory:", device="cpu",
+                                               response_bank=("chitchat", str(faq)), decoding={"seed": 0}))
+    try:
+        assert len(engine.generator.bank) > 100_000
+        made = await engine.respond("cli:faq", "ada", "who made you?")
+        assert made.text == "the mods of this server set me up, ask them anything"
+        other = await engine.respond("cli:food", "ada", "what do you like to eat?")
+        assert other.text != made.text and other.finish_reason == "stop"
+        streamed = await engine.stream("cli:faq2", "ada", "who made you?").text()
+        assert streamed == made.text
+    finally:
+        await engine.close()

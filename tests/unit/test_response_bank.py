@@ -1,0 +1,142 @@
+"""The response bank: replies people wrote, searched by words, chosen by the model's judgement."""
+
+import json
+import threading
+
+import pytest
+
+from chatbot.decoding import DecodingSettings
+from chatbot.errors import ChatbotError, CorpusError
+from chatbot.generation import GenerationRequest
+from chatbot.response_bank import BankedGenerator, ResponseBank
+
+PAIRS = [
+    ("do you like music?", "i love music, mostly jazz and old soul records"),
+    ("do you like music?", "i love music, mostly jazz and old soul records"),
+    ("what is your favourite colour?", "blue, like the sea in the morning"),
+    ("i just got a new puppy", "a puppy! what breed is it?"),
+    ("how was your weekend?", "quiet, i read a book and baked bread"),
+]
+GREEDY = DecodingSettings(temperature=0, max_new_tokens=40, max_time=60)
+
+
+def test_search_finds_the_reply_to_the_closest_context_once():
+    bank = ResponseBank(PAIRS)
+    hits = bank.search(["hey", "do you like music at all?"], k=3)
+    assert hits[0].reply == "i love music, mostly jazz and old soul records"
+    assert [h.reply for h in hits].count(hits[0].reply) == 1
+    assert 0 < hits[-1].similarity <= hits[0].similarity <= 1.0 + 1e-9
+    assert bank.search([], k=3) == [] and bank.search(["zzz qqq"], k=3) == []
+
+
+def test_the_turn_before_counts_less_than_the_message():
+    bank = ResponseBank(PAIRS)
+    hits = bank.search(["i just got a new puppy", "how was your weekend?"], k=2)
+    assert hits[0].reply == "quiet, i read a book and baked bread"
+
+
+def test_an_operators_bank_is_a_json_lines_file(tmp_path):
+    path = tmp_path / "faq.jsonl"
+    path.write_text("\n".join(json.dumps({"context": c, "reply": r}) for c, r in PAIRS) + "\n", encoding="utf-8")
+    assert len(ResponseBank.load(path)) == len(PAIRS)
+    with pytest.raises(ChatbotError, match="no such file"):
+        ResponseBank.load(tmp_path / "nope.jsonl")
+    path.write_text('{"context": "hi", "reply": "hello"}\n{"context": "hi"}\n', encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"faq.jsonl:2: expected a JSON object"):
+        ResponseBank.load(path)
+    path.write_text('{"context": "hi", "reply": 3}\n', encoding="utf-8")
+    with pytest.raises(CorpusError, match=r":1: .* must be strings"):
+        ResponseBank.load(path)
+    with pytest.raises(ChatbotError, match="no \\(context, reply\\) pairs"):
+        ResponseBank([(" ", "x")])
+
+
+def request(context, *, settings=GREEDY, bot_texts=()):
+    prompt = "".join(f"ada: {t}\n" for t in context) + "Bot:"
+    return GenerationRequest(prompt, settings, ("\n", " ada:", " Bot:"), bot_texts, context=tuple(context))
+
+
+def test_the_chosen_reply_is_a_candidate_and_never_a_recent_or_too_long_one(roomy_gen):
+    banked = BankedGenerator(roomy_gen, ResponseBank(PAIRS), candidates=5)
+    music = "i love music, mostly jazz and old soul records"
+    own = roomy_gen.generate([request(["do you like music?"])])[0].text
+    result = banked.generate([request(["do you like music?"])])[0]
+    assert result.text in {own, *(r for _, r in PAIRS)}
+    assert result.completion_tokens == roomy_gen.count_tokens(result.text)
+    again = banked.generate([request(["do you like music?"], bot_texts=(music,))])[0]
+    assert again.text != music
+    short = GREEDY.model_copy(update={"max_new_tokens": 3})
+    assert banked.generate([request(["do you like music?"], settings=short)])[0].text != music
+    # Greedy settings choose the same every time; a stream gives the same reply in one piece.
+    assert banked.generate([request(["do you like music?"])])[0].text == result.text
+    assert "".join(banked.stream(request(["do you like music?"]))) == result.text
+
+
+def test_with_nothing_in_the_bank_the_models_own_reply_stands(roomy_gen):
+    banked = BankedGenerator(roomy_gen, ResponseBank(PAIRS))
+    own = roomy_gen.generate([request(["zzz qqq"])])[0]
+    assert banked.generate([request(["zzz qqq"])])[0].text == own.text
+
+
+def test_a_cancelled_request_is_not_rescored(roomy_gen):
+    banked = BankedGenerator(roomy_gen, ResponseBank(PAIRS))
+    cancel = threading.Event()
+    cancel.set()
+    req = GenerationRequest("ada: do you like music?\nBot:", GREEDY, ("\n",), context=("do you like music?",),
+                            cancel=cancel)
+    assert banked.generate([req])[0].text not in {r for _, r in PAIRS}
+
+
+def test_sampling_picks_among_the_best_by_seed(roomy_gen):
+    banked = BankedGenerator(roomy_gen, ResponseBank(PAIRS * 3 + [(f"do you like music {i}?", f"reply {i}")
+                                                                  for i in range(5)]), candidates=8)
+    sampled = DecodingSettings(temperature=0.8, max_new_tokens=40, max_time=60)
+    picks = {banked.generate([request(["do you like music?"], settings=sampled.model_copy(
+        update={"seed": seed}))])[0].text for seed in range(12)}
+    same = {banked.generate([request(["do you like music?"], settings=sampled.model_copy(
+        update={"seed": 3}))])[0].text for _ in range(3)}
+    assert len(same) == 1 and 1 <= len(picks) <= 3
+
+
+def test_score_prefers_the_continuation_the_model_was_shown(roomy_gen):
+    scores = roomy_gen.score("ada: hi\nBot:", ["hello there", "zebra quantum"])
+    assert len(scores) == 2 and all(s < 0 for s in scores)
+    assert roomy_gen.score("x", []) == []
+    with pytest.raises(ChatbotError, match="bank_candidates"):
+        BankedGenerator(roomy_gen, ResponseBank(PAIRS), candidates=0)
+
+
+def test_a_built_bank_is_kept_and_built_again_when_its_file_changes(tmp_path):
+    path = tmp_path / "faq.jsonl"
+    path.write_text(json.dumps({"context": "who made you?", "reply": "the mods did"}) + "\n", encoding="utf-8")
+    cache = tmp_path / "cache"
+    first = ResponseBank.load(path, cache=cache)
+    kept = list(cache.glob("bank-*.pickle"))
+    assert len(kept) == 1 and ResponseBank.load(path, cache=cache).replies == first.replies
+    kept[0].write_bytes(b"not a bank")  # damaged: built again, not an error
+    assert ResponseBank.load(path, cache=cache).replies == ["the mods did"]
+    path.write_text(json.dumps({"context": "who made you?", "reply": "a team of volunteers"}) + "\n",
+                    encoding="utf-8")
+    assert ResponseBank.load(path, cache=cache).replies == ["a team of volunteers"]
+    assert not (tmp_path / "nowhere").exists()
+    with pytest.raises(ChatbotError, match="no such file"):
+        ResponseBank.load([str(path), str(tmp_path / "nowhere" / "x.jsonl")], cache=tmp_path / "nowhere")
+    assert not (tmp_path / "nowhere").exists()  # a mistyped path creates no folder
+
+
+def test_several_sources_make_one_bank(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(json.dumps({"context": "who made you?", "reply": "the mods did"}) + "\n", encoding="utf-8")
+    b.write_text(json.dumps({"context": "server rules?", "reply": "be kind"}) + "\n", encoding="utf-8")
+    bank = ResponseBank.load([str(a), str(b)], cache=tmp_path / "cache")
+    assert sorted(bank.replies) == ["be kind", "the mods did"]
+    assert bank.search(["what are the server rules?"], k=1)[0].reply == "be kind"
+
+
+def test_the_setting_takes_one_source_a_list_or_none():
+    from chatbot.config import Settings
+
+    assert Settings().response_bank == ("chitchat",)
+    assert Settings(response_bank="faq.jsonl").response_bank == ("faq.jsonl",)
+    assert Settings(response_bank="").response_bank == ()
+    assert Settings.load(env={"CHATBOT_RESPONSE_BANK": "chitchat, faq.jsonl"}).response_bank == ("chitchat", "faq.jsonl")
