@@ -230,6 +230,23 @@ def build_parser(faces: Sequence[FaceCommand] = ()) -> argparse.ArgumentParser:
     config_option(lab, "settings file (TOML) for safety, repetition and decoding")
     model_option(lab)
 
+    ssa = sub.add_parser("ssa", parents=[common], help="judge reply quality blind (sensibleness and specificity)",
+                         description="`ssa replies`: run each arm (an engine from a settings file) over a set of "
+                                     "everyday contexts and write the shuffled, blind items a judge needs. `ssa "
+                                     "score`: each arm's sensible and specific rates and SSA from the judge's "
+                                     "verdicts.jsonl.")
+    ssa_sub = ssa.add_subparsers(dest="ssa_command", required=True, metavar="STEP")
+    sr = ssa_sub.add_parser("replies", parents=[common], help="write every arm's replies and the blind items")
+    sr.add_argument("contexts", help="context set (JSON lines), e.g. prompts/eval/ssa-dev.jsonl")
+    sr.add_argument("--arm", action="append", required=True, metavar="NAME[=SETTINGS]",
+                    help="an engine to judge: a name, and the settings file it runs with (default: the defaults); "
+                         "repeatable, e.g. --arm bank --arm model-only=prompts/eval/model-only.toml")
+    sr.add_argument("--out", required=True, metavar="DIR", help="new folder for the items, key and replies")
+    sr.add_argument("--seed", type=int, default=1000, help="first reply's seed; the shuffle's too (default %(default)s)")
+    sr.add_argument("--device", default="cpu", help="device of every arm (default %(default)s)")
+    ss = ssa_sub.add_parser("score", parents=[common], help="each arm's figures from the verdicts")
+    ss.add_argument("out", metavar="DIR", help="the folder `ssa replies` wrote, with the judge's verdicts.jsonl")
+
     se = sub.add_parser("safety-eval", parents=[common], help="precision, recall and false positives of the output filter",
                         description="Run the output toxicity filter over labelled sentences (JSONL lines with "
                                     "\"text\", \"label\": toxic|benign, \"kind\") and print how much it blocks.")
@@ -469,8 +486,38 @@ def cmd_safety_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ssa(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from chatbot.config import Settings
+    from chatbot.tools.ssa import Arm, load_contexts, score, write_replies
+
+    if args.ssa_command == "score":
+        results = score(Path(args.out))
+        print(f"{'arm':<16} {'judged':>6} {'sensible':>8} {'specific':>8} {'SSA':>6} {'s/reply':>8}")
+        for name, r in results.items():
+            print(f"{name:<16} {r['judged']:>6} {r['sensible']:>8.2f} {r['specific']:>8.2f} {r['ssa']:>6.2f} "
+                  f"{r['median_seconds']:>8.2f}")
+        return 0
+    contexts = load_contexts(args.contexts)
+    arms = []
+    for given in args.arm:
+        name, _, path = given.partition("=")
+        if not name.strip():
+            raise ChatbotError(f"--arm {given!r}: give a name, e.g. --arm bank or --arm mine=chatbot.toml")
+        if path and not Path(path).is_file():
+            raise ChatbotError(f"--arm {name}: {path}: no such settings file")
+        # An arm is its file alone: neither the environment nor a chatbot.toml here changes what is judged.
+        arms.append(Arm(name, Settings.load(path, env={}, device=args.device) if path else Settings(device=args.device)))
+    out = Path(args.out)
+    count = write_replies(contexts, arms, out, seed=args.seed)
+    print(f"{count} replies to judge in {out / 'items.jsonl'} (instructions: {out / 'JUDGING.md'}); "
+          f"then: bot.py ssa score {out}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "bench": cmd_bench, "safety-eval": cmd_safety_eval,
-            "selfchat": cmd_selfchat, "lab": cmd_lab}
+            "selfchat": cmd_selfchat, "lab": cmd_lab, "ssa": cmd_ssa}
 
 
 def main(argv: Sequence[str] | None = None, faces: Sequence[FaceCommand] = ()) -> int:
