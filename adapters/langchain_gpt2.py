@@ -393,7 +393,7 @@ class ChatGPT2(_GPT2Mixin, BaseChatModel):
         # A call carries its whole conversation: with a seed, the same messages get the same reply
         # and other messages another seed, not the same random draws.
         return GenerationRequest(planned.prompt, seeded_for(settings, planned.prompt), stops, planned.bot_texts,
-                                 context=planned.turn_texts)
+                                 context=planned.said)
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:

@@ -55,9 +55,6 @@ def check_author(author: object) -> str:
     return author
 
 
-CONTEXT_TURNS = 4
-"""Newest turns a request carries as plain texts (`PromptPlan.turn_texts`) for a reply search."""
-
 
 @dataclass(frozen=True)
 class Turn:
@@ -181,8 +178,8 @@ class PromptPlan:
     """The format's stops for every speaker in the window (and the ``speakers`` given)."""
     bot_texts: tuple[str, ...]
     """The bot's turns in the window, oldest first, for the repetition controls."""
-    turn_texts: tuple[str, ...] = ()
-    """The window's newest turns (up to `CONTEXT_TURNS`), oldest first: `GenerationRequest.context`."""
+    said: tuple[tuple[str, str], ...] = ()
+    """The window's turns as (role, text), oldest first: `GenerationRequest.context`."""
 
 
 def plan_prompt(turns: Sequence[Turn], *, fmt: Any, speaker: str, count_tokens: Callable[[str], int], budget: int,
@@ -198,7 +195,7 @@ def plan_prompt(turns: Sequence[Turn], *, fmt: Any, speaker: str, count_tokens: 
     in_window = sorted({t.author for t in window.turns} | {speaker, *speakers})
     return PromptPlan(window, render(window.preamble, window.pinned, window.turns),
                       tuple(fmt.stop_strings(in_window)), tuple(t.text for t in window.turns if t.role == "bot"),
-                      tuple(t.text for t in window.turns[-CONTEXT_TURNS:]))
+                      tuple((t.role, t.text) for t in window.turns))
 
 
 def prompt_planner(generator: Generator, settings: DecodingSettings, *, speaker: str, preamble: str = "",

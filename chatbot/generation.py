@@ -49,9 +49,10 @@ class GenerationRequest:
     where `generate` must give exactly the text `stream` shows."""
     cancel: threading.Event | None = field(default=None, compare=False, repr=False)
     """Set it (from any thread) to end this request at its next token: whoever asked has gone."""
-    context: tuple[str, ...] = ()
-    """The texts of the conversation's newest turns in the prompt, oldest first, the message being
-    answered last: what a generator that searches replies people wrote (`response_bank`) looks for."""
+    context: tuple[tuple[str, str], ...] = ()
+    """The conversation's turns in the prompt as (role, text), ``user`` or ``bot``, oldest first, the
+    message being answered last: what a generator that searches replies people wrote reads
+    (`response_bank`)."""
 
     def retry(self, attempt: int) -> GenerationRequest:
         """The same request for another try: a new seed, and sampling where this one is greedy

@@ -34,6 +34,7 @@ from typing import Any, Iterator, Sequence
 
 from .errors import ChatbotError, CorpusError
 from .generation import GenerationRequest, GenerationResult, final_text
+from .recall import recall
 
 __all__ = ["ResponseBank", "BankHit", "BankedGenerator", "BUNDLED_BANK", "cache_folder", "banked"]
 
@@ -139,7 +140,8 @@ class ResponseBank:
 
 
 class BankedGenerator:
-    """A `Generator` that answers with the best of the bank's matches and the model's own reply.
+    """A `Generator` that answers with the best of the bank's matches and the model's own reply,
+    or, when the person asks what they said about themselves, with that (`recall.recall`).
 
     The model behind it (``base``, a `LocalGenerator` or anything with its ``score``) writes one
     candidate and scores them all. Sampling settings choose among the best few with the request's
@@ -187,9 +189,14 @@ class BankedGenerator:
         started = time.perf_counter()
         said = {_key(t) for t in request.bot_texts}
         limit = request.settings.max_new_tokens
+        answer = recall(request.context)
+        if answer is not None and _key(answer) not in said and self.count_tokens(answer) <= limit:
+            # What the person told the bot about themselves, asked back: only the conversation knows it.
+            return GenerationResult(answer, own.prompt_tokens, self.count_tokens(answer), "stop",
+                                    own.seconds + time.perf_counter() - started)
         texts: list[str] = []
         sims: list[float] = []
-        for hit in self.bank.search(request.context, self.candidates):
+        for hit in self.bank.search([text for _, text in request.context], self.candidates):
             if _key(hit.reply) in said or self.count_tokens(hit.reply) > limit or _stopped(hit.reply, request):
                 continue
             texts.append(hit.reply)

@@ -53,7 +53,8 @@ def test_an_operators_bank_is_a_json_lines_file(tmp_path):
 
 def request(context, *, settings=GREEDY, bot_texts=()):
     prompt = "".join(f"ada: {t}\n" for t in context) + "Bot:"
-    return GenerationRequest(prompt, settings, ("\n", " ada:", " Bot:"), bot_texts, context=tuple(context))
+    said = tuple(("user", t) for t in context)
+    return GenerationRequest(prompt, settings, ("\n", " ada:", " Bot:"), bot_texts, context=said)
 
 
 def test_the_chosen_reply_is_a_candidate_and_never_a_recent_or_too_long_one(roomy_gen):
@@ -82,7 +83,7 @@ def test_a_cancelled_request_is_not_rescored(roomy_gen):
     banked = BankedGenerator(roomy_gen, ResponseBank(PAIRS))
     cancel = threading.Event()
     cancel.set()
-    req = GenerationRequest("ada: do you like music?\nBot:", GREEDY, ("\n",), context=("do you like music?",),
+    req = GenerationRequest("ada: do you like music?\nBot:", GREEDY, ("\n",), context=(("user", "do you like music?"),),
                             cancel=cancel)
     assert banked.generate([req])[0].text not in {r for _, r in PAIRS}
 
@@ -140,3 +141,13 @@ def test_the_setting_takes_one_source_a_list_or_none():
     assert Settings(response_bank="faq.jsonl").response_bank == ("faq.jsonl",)
     assert Settings(response_bank="").response_bank == ()
     assert Settings.load(env={"CHATBOT_RESPONSE_BANK": "chitchat, faq.jsonl"}).response_bank == ("chitchat", "faq.jsonl")
+
+
+def test_a_question_about_what_the_person_said_gets_it_back(roomy_gen):
+    banked = BankedGenerator(roomy_gen, ResponseBank(PAIRS))
+    said = (("user", "hi i'm maya"), ("bot", "hi maya"), ("user", "what's my name?"))
+    req = GenerationRequest("ada: hi i'm maya\nBot: hi maya\nada: what's my name?\nBot:", GREEDY, ("\n",),
+                            context=said)
+    assert banked.generate([req])[0].text == "your name is Maya!"
+    already = GenerationRequest(req.prompt, GREEDY, ("\n",), ("your name is Maya!",), context=said)
+    assert banked.generate([already])[0].text != "your name is Maya!"  # not twice in a row
