@@ -246,6 +246,12 @@ def build_parser(faces: Sequence[FaceCommand] = ()) -> argparse.ArgumentParser:
     sr.add_argument("--device", default="cpu", help="device of every arm (default %(default)s)")
     ss = ssa_sub.add_parser("score", parents=[common], help="each arm's figures from the verdicts")
     ss.add_argument("out", metavar="DIR", help="the folder `ssa replies` wrote, with the judge's verdicts.jsonl")
+    sh = ssa_sub.add_parser("hits", parents=[common], help="hits@1 of 10: how often the model ranks the "
+                                                           "reference reply first (no judge needed)")
+    sh.add_argument("contexts", help="context set whose lines have a \"reference\" reply")
+    sh.add_argument("--seed", type=int, default=0, help="which distractors (default %(default)s)")
+    config_option(sh)
+    model_option(sh)
 
     se = sub.add_parser("safety-eval", parents=[common], help="precision, recall and false positives of the output filter",
                         description="Run the output toxicity filter over labelled sentences (JSONL lines with "
@@ -492,6 +498,16 @@ def cmd_ssa(args: argparse.Namespace) -> int:
     from chatbot.config import Settings
     from chatbot.tools.ssa import Arm, load_contexts, score, write_replies
 
+    if args.ssa_command == "hits":
+        from chatbot.tools.ssa import hits_at_1
+
+        settings = Settings.load(args.config, model=args.model, device=args.device,
+                                 allow_download=args.allow_download or None)
+        r = hits_at_1(load_contexts(args.contexts), settings, seed=args.seed)
+        print(f"hits@1 of {r['candidates']} over {r['contexts']} contexts: {r['hits_at_1_likelihood']:.2f} by "
+              f"likelihood, {r['hits_at_1_bank_score']:.2f} by the response bank's score "
+              f"(chance: {1 / r['candidates']:.2f})")
+        return 0
     if args.ssa_command == "score":
         results = score(Path(args.out))
         print(f"{'arm':<16} {'judged':>6} {'sensible':>8} {'specific':>8} {'SSA':>6} {'s/reply':>8}")

@@ -64,6 +64,14 @@ def _shared_generator(model: str, device: str, allow_download: bool) -> Any:
     return LocalGenerator.from_pretrained(model, device=device, allow_download=allow_download, option="`model`")
 
 
+@lru_cache(maxsize=8)
+def _shared_bank(generator: Any, sources: tuple[str, ...], candidates: int) -> Any:
+    """One response bank per (model, sources) in the process, shared as the model is."""
+    from chatbot.response_bank import banked
+
+    return banked(generator, sources, candidates)
+
+
 class _GPT2Mixin(BaseModel):
     """Fields and machinery shared by the LLM and the chat model."""
 
@@ -307,6 +315,11 @@ class ChatGPT2(_GPT2Mixin, BaseChatModel):
     user_name: str = "User"
     ai_name: str = "Bot"
     window_chunk: int = 8
+    response_bank: tuple[str, ...] = ("chitchat",)
+    """Replies people wrote, offered beside the model's own and chosen by it, as the engine does
+    (`Settings.response_bank`); used with the model this instance loads, not with a ``generator``
+    given to it. Empty for the model's replies alone."""
+    bank_candidates: int = 30
 
     @model_validator(mode="after")
     def _load(self) -> ChatGPT2:
@@ -319,7 +332,14 @@ class ChatGPT2(_GPT2Mixin, BaseChatModel):
             self._persona = None
         if clean_speaker(self.user_name) != self.user_name or clean_speaker(self.ai_name) != self.ai_name:
             raise ValueError("`user_name` and `ai_name` must be single-line names without ':'")
+        loads_its_model = self.generator is None
         self._setup()
+        if loads_its_model and self.response_bank:
+            try:
+                object.__setattr__(self, "generator", _shared_bank(self.generator, tuple(self.response_bank),
+                                                                   self.bank_candidates))
+            except ChatbotError as err:
+                raise ValueError(str(err)) from None
         return self
 
     _persona: Any = PrivateAttr(default=None)

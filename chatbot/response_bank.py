@@ -36,7 +36,7 @@ from .errors import ChatbotError, CorpusError
 from .generation import GenerationRequest, GenerationResult, final_text
 from .recall import recall
 
-__all__ = ["ResponseBank", "BankHit", "BankedGenerator", "BUNDLED_BANK", "cache_folder", "banked"]
+__all__ = ["ResponseBank", "BankHit", "BankedGenerator", "BUNDLED_BANK", "cache_folder", "banked", "candidate_scores"]
 
 log = logging.getLogger(__name__)
 
@@ -207,9 +207,7 @@ class BankedGenerator:
         if not texts:
             return own
         with self._lock:  # one scoring pass at a time on the model
-            fit = self._scorer.score(request.prompt, texts)
-            common = self._scorer.score(_bare_prompt(request.prompt, self.format), texts)
-        scores = [f - UNCONDITIONAL_WEIGHT * c + SIMILARITY_WEIGHT * s for f, c, s in zip(fit, common, sims)]
+            scores = candidate_scores(self._scorer, self.format, request.prompt, texts, sims)
         best = self._pick(scores, request)
         text = texts[best]
         if text == own.text:
@@ -277,6 +275,16 @@ def _keep(bank: ResponseBank, path: Path) -> None:
         if temporary is not None:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
+
+
+def candidate_scores(scorer: Any, fmt: Any, prompt: str, texts: Sequence[str],
+                     similarities: Sequence[float]) -> list[float]:
+    """How well each text fits as the reply to ``prompt``: how much more likely ``scorer`` (a
+    `LocalGenerator`) finds it after the prompt than after the bot's name alone, per token, plus
+    `SIMILARITY_WEIGHT` times how closely its context matched (0 where there was none)."""
+    fit = scorer.score(prompt, texts)
+    common = scorer.score(_bare_prompt(prompt, fmt), texts)
+    return [f - UNCONDITIONAL_WEIGHT * c + SIMILARITY_WEIGHT * s for f, c, s in zip(fit, common, similarities)]
 
 
 def _bare_prompt(prompt: str, fmt: Any) -> str:

@@ -160,3 +160,42 @@ def score(out: Path) -> dict[str, dict[str, float]]:
                         "ssa": round((sensible + specific) / 2, 3), "median_seconds": round(statistics.median(seconds), 3)}
     (out / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     return results
+
+
+def hits_at_1(contexts: Sequence[dict[str, Any]], settings: Settings, *, distractors: int = 9,
+              seed: int = 0) -> dict[str, float]:
+    """How often the model ranks a context's reference reply above ``distractors`` references of
+    other contexts (hits@1 of 10, as ConvAI2 reports it): by its likelihood alone, and by the
+    response bank's score (`candidate_scores`, no context similarity). A measure that needs no
+    judge and runs in seconds; it follows how well a model can choose, not how well it writes."""
+    from ..conversation import Turn, prompt_planner
+    from ..generation import LocalGenerator
+    from ..personas import PersonaBook
+    from ..response_bank import candidate_scores
+
+    scored = [c for c in contexts if isinstance(c.get("reference"), str) and c["reference"].strip()]
+    if len(scored) <= distractors:
+        raise ChatbotError(f"hits@1 needs more than {distractors} contexts with a \"reference\" reply, "
+                           f"got {len(scored)}")
+    generator = LocalGenerator.from_pretrained(settings.model, device=settings.device,
+                                               allow_download=settings.allow_download)
+    book = PersonaBook(settings.prompts_dir, settings.persona, settings.preset, settings.decoding)
+    persona = book.default
+    decoding = book.decoding(persona, settings.preset or persona.preset, None)
+    plan = prompt_planner(generator, decoding, speaker=persona.speaker, preamble=persona.description,
+                          pinned=persona.example_turns(USER), speakers=(USER,), chunk=settings.window_chunk)
+    rng = random.Random(seed)
+    likelihood = mutual = 0
+    for n, item in enumerate(scored):
+        others = [c["reference"] for m, c in enumerate(scored) if m != n]
+        texts = [item["reference"], *rng.sample(others, distractors)]
+        turns = [Turn("eval:hits", USER if t["role"] == "user" else persona.speaker, t["role"], t["text"], 0.0, i)
+                 for i, t in enumerate(item["turns"])]
+        prompt = plan(turns).prompt
+        fit = generator.score(prompt, texts)
+        likelihood += max(range(len(texts)), key=fit.__getitem__) == 0
+        ranked = candidate_scores(generator, generator.format, prompt, texts, [0.0] * len(texts))
+        mutual += max(range(len(texts)), key=ranked.__getitem__) == 0
+    return {"contexts": len(scored), "candidates": distractors + 1,
+            "hits_at_1_likelihood": round(likelihood / len(scored), 3),
+            "hits_at_1_bank_score": round(mutual / len(scored), 3)}

@@ -20,3 +20,17 @@ def test_chat_model_replies_in_persona():
     reply = chat.invoke([HumanMessage("hi! what should we do today?")])
     assert reply.content.strip() and "Pip:" not in reply.content and "User:" not in reply.content
     assert reply.usage_metadata["output_tokens"] > 0
+
+
+def test_chat_model_chooses_from_the_response_bank_like_the_engine():
+    from langchain_core.messages import AIMessage
+
+    from chatbot.response_bank import BankedGenerator
+
+    chat = ChatGPT2(seed=0)
+    assert isinstance(chat.generator, BankedGenerator) and len(chat.generator.bank) > 100_000
+    name = chat.invoke([HumanMessage("hi i'm maya"), AIMessage("hi maya!"), HumanMessage("what's my name?")])
+    assert name.content == "your name is Maya!"
+    music = chat.invoke([HumanMessage("do you like music?")]).content
+    assert music and "".join(c.content for c in chat.stream([HumanMessage("do you like music?")])) == music
+    assert not isinstance(ChatGPT2(seed=0, response_bank=()).generator, BankedGenerator)

@@ -84,3 +84,23 @@ def test_the_shipped_sets_are_well_formed_and_apart():
     dev, test = load_contexts(folder / "ssa-dev.jsonl"), load_contexts(folder / "ssa-test.jsonl")
     assert len(dev) == len(test) == 60
     assert not {c["turns"][-1]["text"] for c in dev} & {c["turns"][-1]["text"] for c in test}
+
+
+def test_hits_at_1_ranks_each_reference_among_others(capsys, monkeypatch, tmp_path, tiny_dir, tiny_prompts):
+    from chatbot.tools.ssa import hits_at_1
+
+    contexts = [{"id": f"c{n}", "turns": [{"role": "user", "text": f"line {n}"}], "reference": f"reply {n}"}
+                for n in range(12)]
+    settings = Settings(model=str(tiny_dir), prompts_dir=tiny_prompts, persona="tester", device="cpu")
+    result = hits_at_1(contexts, settings, distractors=9)
+    assert result["contexts"] == 12 and result["candidates"] == 10
+    assert 0 <= result["hits_at_1_likelihood"] <= 1 and 0 <= result["hits_at_1_bank_score"] <= 1
+    assert hits_at_1(contexts, settings, distractors=9) == result  # the same distractors for the same seed
+    with pytest.raises(ChatbotError, match="more than 9 contexts"):
+        hits_at_1(contexts[:5], settings)
+    path = write_set(tmp_path / "set.jsonl", contexts)
+    capsys.readouterr()
+    monkeypatch.setenv("CHATBOT_PROMPTS_DIR", str(tiny_prompts))
+    monkeypatch.setenv("CHATBOT_PERSONA", "tester")
+    assert main(["ssa", "hits", str(path), "--model", str(tiny_dir), "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("hits@1 of 10 over 12 contexts: ")
