@@ -431,33 +431,59 @@ class LocalGenerator:
         if piece:
             yield piece
 
-    def score(self, prompt: str, continuations: Sequence[str]) -> list[float]:
+    def score(self, prompt: str | Sequence[str], continuations: Sequence[str]) -> list[float]:
         """Each continuation's mean log-probability per token after ``prompt`` (the prompt's newest
-        tokens that fit with it), counting the format's end of a turn: how well it fits there."""
+        tokens that fit with it; one prompt for all, or one per continuation), counting the format's
+        end of a turn: how well it fits there."""
+        prompts = [prompt] * len(continuations) if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts for {len(continuations)} continuations")
+        if not continuations:
+            return []
+        end = self.format.stop_strings()[0] if self.format.name == "transcript" else self.tokenizer.eos_token
+        lead = " " if self.format.name == "transcript" else ""
+        tails = [self.encode(lead + text.strip() + end)[: self.context_size - 1] for text in continuations]
+        with self._model_lock:
+            if isinstance(prompt, str):
+                return self._score_after(self.encode(prompt), tails)
+            heads = {p: self.encode(p) for p in set(prompts)}
+            return self._score_rows([heads[p] for p in prompts], tails)
+
+    def _score_after(self, head: list[int], tails: list[list[int]]) -> list[float]:
+        """Mean log-probabilities of ``tails`` after one ``head``, read once: its keys and values are
+        computed a single time and shared by every row."""
         import torch
 
-        end = self.format.stop_strings()[0] if self.format.name == "transcript" else self.tokenizer.eos_token
-        head = self.encode(prompt)
-        rows, spans = [], []
-        for text in continuations:
-            tail = self.encode(" " + text.strip() + end if self.format.name == "transcript" else text.strip() + end)
-            tail = tail[: self.context_size - 1]
-            ids = (head + tail)[-self.context_size:]
-            rows.append(ids)
-            spans.append(len(tail))
-        if not rows:
-            return []
+        width = max(map(len, tails))
+        head = head[-(self.context_size - width):] or [self.tokenizer.eos_token_id]
+        with torch.inference_mode():
+            first = self.model(input_ids=torch.tensor([head], device=self.device), use_cache=True)
+            cache = first.get("cache", None) or first.get("past_key_values")
+            cache.batch_repeat_interleave(len(tails))
+            pad = self.tokenizer.eos_token_id
+            ids = torch.tensor([t + [pad] * (width - len(t)) for t in tails], device=self.device)
+            mask = torch.tensor([[1] * (len(head) + len(t)) + [0] * (width - len(t)) for t in tails],
+                                device=self.device)
+            positions = torch.arange(len(head), len(head) + width, device=self.device).expand(len(tails), -1)
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                **{_CACHE_ARGUMENT.get(self.model): cache}).logits.float()
+            after_head = torch.log_softmax(first.logits[0, -1].float(), dim=-1)
+            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None])[..., 0]
+        return [float((after_head[t[0]] + logp[i, : len(t) - 1].sum()) / len(t)) for i, t in enumerate(tails)]
+
+    def _score_rows(self, heads: list[list[int]], tails: list[list[int]]) -> list[float]:
+        """Mean log-probabilities of each tail after its own head, in one padded batch."""
+        import torch
+
+        rows = [(h + t)[-self.context_size:] for h, t in zip(heads, tails)]
         width = max(map(len, rows))
         pad = self.tokenizer.eos_token_id
         ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
-        with self._model_lock, torch.inference_mode():
+        with torch.inference_mode():
             logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None])[..., 0]
-        scores = []
-        for i, (r, n) in enumerate(zip(rows, spans)):
-            scores.append(float(logp[i, len(r) - 1 - n: len(r) - 1].mean()))
-        return scores
+        return [float(logp[i, len(r) - 1 - len(t): len(r) - 1].mean()) for i, (r, t) in enumerate(zip(rows, tails))]
 
     def _generate_batch(
         self, requests: Sequence[GenerationRequest], settings: DecodingSettings, stops: tuple[str, ...]
@@ -608,6 +634,25 @@ class _TokenThread:
 
 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+class _CacheArgument:
+    """The keyword a model's forward takes its cache under: ``cache`` where transformers has renamed
+    ``past_key_values`` (5.x warns on the old name), else ``past_key_values``."""
+
+    def __init__(self) -> None:
+        self._known: dict[type, str] = {}
+
+    def get(self, model: Any) -> str:
+        kind = type(model)
+        if kind not in self._known:
+            import inspect
+
+            self._known[kind] = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        return self._known[kind]
+
+
+_CACHE_ARGUMENT = _CacheArgument()
 
 
 class ReplyText:

@@ -7,11 +7,10 @@ word pairs (scikit-learn's `TfidfVectorizer`: the standard sparse index, no mode
 
 `BankedGenerator` wraps a generator: for each request it takes the bank's best matches for the
 conversation's newest turns (`GenerationRequest.context`) and the model's own reply, scores each
-by how much more likely the model finds it after this prompt than after the bare speaker name (a
-pointwise mutual information, so that fitting the context counts and being a common phrase does
-not) plus how closely its context matched, and returns the best. A small model judges fit far
-better than it writes: on the project's everyday contexts this lifted the judged SSA from 0.06 to
-0.27 (see the README's model section).
+(`candidate_scores`: how much more likely the model finds it after this prompt than after the
+bare speaker name, how much more likely the message being answered becomes after it, and how
+closely its context matched), and returns the best. A small model judges fit far better than it
+writes: see the judged figures in the README's model section.
 """
 
 from __future__ import annotations
@@ -50,6 +49,8 @@ SIMILARITY_WEIGHT = 2.0
 """How much a close match of the contexts counts in a candidate's score, against the model's judgement."""
 PICK_SHARPNESS = 4.0
 """How strongly sampling settings favour the best-scored candidate over the next two."""
+BACKWARD_WEIGHT = 2.0
+"""How much the backward score (the message following the candidate) counts; 0 leaves it out."""
 UNCONDITIONAL_WEIGHT = 1.0
 """How much a candidate's likelihood without the conversation is taken off (1: pointwise mutual information)."""
 
@@ -207,7 +208,8 @@ class BankedGenerator:
         if not texts:
             return own
         with self._lock:  # one scoring pass at a time on the model
-            scores = candidate_scores(self._scorer, self.format, request.prompt, texts, sims)
+            message = next((text for role, text in reversed(request.context) if role == "user"), "")
+            scores = candidate_scores(self._scorer, self.format, request.prompt, texts, sims, message)
         best = self._pick(scores, request)
         text = texts[best]
         if text == own.text:
@@ -278,13 +280,39 @@ def _keep(bank: ResponseBank, path: Path) -> None:
 
 
 def candidate_scores(scorer: Any, fmt: Any, prompt: str, texts: Sequence[str],
-                     similarities: Sequence[float]) -> list[float]:
-    """How well each text fits as the reply to ``prompt``: how much more likely ``scorer`` (a
-    `LocalGenerator`) finds it after the prompt than after the bot's name alone, per token, plus
-    `SIMILARITY_WEIGHT` times how closely its context matched (0 where there was none)."""
+                     similarities: Sequence[float], message: str = "") -> list[float]:
+    """How well each text fits as the reply to ``prompt``, the sum of:
+
+    - forward: how much more likely ``scorer`` (a `LocalGenerator`) finds the text after the prompt
+      than after the bot's name alone, per token (pointwise mutual information);
+    - backward (`BACKWARD_WEIGHT`): how much more likely it finds ``message``, the one being
+      answered, right after the text than with nothing before it. The same model read the other
+      way, as DialoGPT's maximum-mutual-information reranking uses a backward model: a reply that
+      could have led to the message is about it;
+    - `SIMILARITY_WEIGHT` times how closely the text's own context matched (0 where there was none).
+    """
     fit = scorer.score(prompt, texts)
     common = scorer.score(_bare_prompt(prompt, fmt), texts)
-    return [f - UNCONDITIONAL_WEIGHT * c + SIMILARITY_WEIGHT * s for f, c, s in zip(fit, common, similarities)]
+    scores = [f - UNCONDITIONAL_WEIGHT * c + SIMILARITY_WEIGHT * s for f, c, s in zip(fit, common, similarities)]
+    speakers = _speakers(prompt, fmt)
+    if message.strip() and BACKWARD_WEIGHT and speakers is not None:
+        from .prompting import Utterance
+
+        bot, user = speakers
+        led = scorer.score([fmt.build_prompt([Utterance(bot, t)], user) for t in texts], [message] * len(texts))
+        alone = scorer.score(fmt.build_prompt([], user), [message])[0]
+        scores = [s + BACKWARD_WEIGHT * (b - alone) for s, b in zip(scores, led)]
+    return scores
+
+
+def _speakers(prompt: str, fmt: Any) -> tuple[str, str] | None:
+    """The bot's and the person's names in a transcript prompt (``...\nUser: hi\nSam:``)."""
+    if getattr(fmt, "name", "") != "transcript":
+        return None
+    lines = prompt.rsplit("\n", 2)
+    if len(lines) < 2 or ":" not in lines[-2]:
+        return None
+    return lines[-1].rstrip(":").strip(), lines[-2].split(":", 1)[0].strip()
 
 
 def _bare_prompt(prompt: str, fmt: Any) -> str:

@@ -194,7 +194,8 @@ def hits_at_1(contexts: Sequence[dict[str, Any]], settings: Settings, *, distrac
         prompt = plan(turns).prompt
         fit = generator.score(prompt, texts)
         likelihood += max(range(len(texts)), key=fit.__getitem__) == 0
-        ranked = candidate_scores(generator, generator.format, prompt, texts, [0.0] * len(texts))
+        ranked = candidate_scores(generator, generator.format, prompt, texts, [0.0] * len(texts),
+                                  item["turns"][-1]["text"])
         mutual += max(range(len(texts)), key=ranked.__getitem__) == 0
     return {"contexts": len(scored), "candidates": distractors + 1,
             "hits_at_1_likelihood": round(likelihood / len(scored), 3),

@@ -151,3 +151,23 @@ def test_a_question_about_what_the_person_said_gets_it_back(roomy_gen):
     assert banked.generate([req])[0].text == "your name is Maya!"
     already = GenerationRequest(req.prompt, GREEDY, ("\n",), ("your name is Maya!",), context=said)
     assert banked.generate([already])[0].text != "your name is Maya!"  # not twice in a row
+
+
+def test_score_takes_one_prompt_or_one_per_continuation(roomy_gen):
+    one = [roomy_gen.score("ada: hi\nBot:", [t])[0] for t in ("hello there", "zebra")]
+    each = roomy_gen.score(["ada: hi\nBot:", "ada: hi\nBot:"], ["hello there", "zebra"])
+    assert each == pytest.approx(one, abs=0.02)  # the model may run in bfloat16: batches round differently
+    with pytest.raises(ValueError, match="2 prompts for 1"):
+        roomy_gen.score(["a", "b"], ["x"])
+
+
+def test_the_backward_score_reads_the_message_after_each_candidate(roomy_gen):
+    from chatbot.response_bank import candidate_scores
+
+    prompt = "ada: do you like music?\nBot:"
+    texts = ["i love jazz", "blue"]
+    forward = candidate_scores(roomy_gen, roomy_gen.format, prompt, texts, [0.0, 0.0])
+    both = candidate_scores(roomy_gen, roomy_gen.format, prompt, texts, [0.0, 0.0], "do you like music?")
+    alone = roomy_gen.score("ada:", ["do you like music?"])[0]
+    led = roomy_gen.score(["Bot: i love jazz\nada:", "Bot: blue\nada:"], ["do you like music?"] * 2)
+    assert both == pytest.approx([f + (b - alone) for f, b in zip(forward, led)], abs=0.02)
