@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from .corpus import chitchat_conversations
 from .errors import ChatbotError, CorpusError
 from .generation import GenerationRequest, GenerationResult, final_text
 from .recall import recall
@@ -359,14 +360,9 @@ def _file_pairs(path: Path) -> list[tuple[str, str]]:
 
 def _chitchat_pairs() -> list[tuple[str, str]]:
     """Each message of the chit-chat corpus and the message that answered it."""
-    try:
-        import chitchat_dataset
-    except ImportError as err:  # pragma: no cover - declared dependency
-        raise CorpusError("the `chitchat-dataset` package is not installed; run the README's set-up") from err
-    data = chitchat_dataset.Dataset()
     pairs = []
-    for key in sorted(data):
-        messages = [" ".join(str(u.get("text", "")) for u in m) for m in data[key]["messages"]]
+    for _, said in chitchat_conversations():
+        messages = [text for _, text in said]
         for context, reply in zip(messages, messages[1:]):
             if 2 <= len(reply.split()) <= MAX_REPLY_WORDS and len(context) < 300:
                 pairs.append((context, reply))

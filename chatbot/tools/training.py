@@ -30,6 +30,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ..corpus import chitchat_conversations
 from ..decoding import DecodingSettings
 from ..errors import ChatbotError, CorpusError, settings_error_message
 from ..generation import GenerationRequest, LocalGenerator, load_model, pick_device, resolve_model
@@ -84,21 +85,14 @@ def _name_pair(key: str, seed: int) -> tuple[str, str]:
 
 def load_chitchat(seed: int = 0) -> list[Conversation]:
     """The BYU chit-chat corpus shipped in the `chitchat-dataset` package."""
-    try:
-        import chitchat_dataset
-    except ImportError as err:  # pragma: no cover - declared dependency
-        raise CorpusError("the `chitchat-dataset` package is not installed; run the README's set-up") from err
-    data = chitchat_dataset.Dataset()
     conversations = []
-    for key in sorted(data):
+    for key, messages in chitchat_conversations():
         names: dict[str, str] = {}
         pair = _name_pair(key, seed)
         turns = []
-        for message in data[key]["messages"]:
-            sender = message[0].get("sender", "") if message else ""
+        for sender, text in messages:
             if sender not in names:
                 names[sender] = pair[len(names) % 2]
-            text = " ".join(str(u.get("text", "")) for u in message)
             turns.append(Utterance(names[sender], text))
         conversations.append(Conversation(turns, f"chitchat:{key}"))
     return conversations

@@ -162,7 +162,7 @@ def test_score_takes_one_prompt_or_one_per_continuation(roomy_gen):
 
 
 def test_the_backward_score_reads_the_message_after_each_candidate(roomy_gen):
-    from chatbot.response_bank import candidate_scores
+    from chatbot.response_bank import BACKWARD_WEIGHT, candidate_scores
 
     prompt = "ada: do you like music?\nBot:"
     texts = ["i love jazz", "blue"]
@@ -170,4 +170,4 @@ def test_the_backward_score_reads_the_message_after_each_candidate(roomy_gen):
     both = candidate_scores(roomy_gen, roomy_gen.format, prompt, texts, [0.0, 0.0], "do you like music?")
     alone = roomy_gen.score("ada:", ["do you like music?"])[0]
     led = roomy_gen.score(["Bot: i love jazz\nada:", "Bot: blue\nada:"], ["do you like music?"] * 2)
-    assert both == pytest.approx([f + (b - alone) for f, b in zip(forward, led)], abs=0.02)
+    assert both == pytest.approx([f + BACKWARD_WEIGHT * (b - alone) for f, b in zip(forward, led)], abs=0.03)
