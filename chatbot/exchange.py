@@ -195,7 +195,7 @@ class Exchanges:
         # The user's seed makes the conversation reproducible; each reply samples with a seed of its own.
         request = GenerationRequest(planned.prompt, seeded_for(settings, conversation_id, total),
                                     planned.stop_strings, planned.bot_texts, cancel=threading.Event(),
-                                    context=planned.said)
+                                    context=planned.said, style=chosen.style)
         return ExchangePlan(chosen, settings, request, window, user_turn, window.tokens, recent,
                             tuple(sorted(speakers)))
 

@@ -49,6 +49,8 @@ class GenerationRequest:
     where `generate` must give exactly the text `stream` shows."""
     cancel: threading.Event | None = field(default=None, compare=False, repr=False)
     """Set it (from any thread) to end this request at its next token: whoever asked has gone."""
+    style: Any = None
+    """The persona's `prompting.PersonaStyle`, for a generator that chooses among candidates; None: none."""
     context: tuple[tuple[str, str], ...] = ()
     """The conversation's turns in the prompt as (role, text), ``user`` or ``bot``, oldest first, the
     message being answered last: what a generator that searches replies people wrote reads

@@ -207,6 +207,50 @@ class PersonaExample(BaseModel):
     bot: str = Field(min_length=1, max_length=500)
 
 
+class PersonaStyle(BaseModel):
+    """How a persona's replies read, where the reply is chosen among candidates (`response_bank`):
+    which it would not say, which it would rather say, and how it writes them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_words: int | None = Field(None, ge=1, le=200)
+    """Candidates longer than this are not chosen (a terse persona)."""
+    avoid: tuple[str, ...] = ()
+    """Words or marks it does not use: each one a candidate has counts against it ("lol", "gonna")."""
+    prefer: tuple[str, ...] = ()
+    """Words or marks it likes: each one a candidate has counts for it ("!", "haha")."""
+    sentence_case: bool = False
+    """Write the chosen reply as sentences: a capital first letter, "I" for "i", a full stop at the end."""
+
+    def fit(self, text: str) -> float:
+        """How many of the preferred words and marks ``text`` has, less how many avoided ones."""
+        return float(_count_marks(text, self.prefer) - _count_marks(text, self.avoid))
+
+    def allows(self, text: str) -> bool:
+        return self.max_words is None or len(text.split()) <= self.max_words
+
+    def write(self, text: str) -> str:
+        """``text`` as this persona writes it."""
+        if not self.sentence_case or not text.strip():
+            return text
+        text = re.sub(r"\bi\b", "I", re.sub(r"\bi'(m|ve|ll|d)\b", r"I'\1", text.strip()))
+        text = re.sub(r"(^|[.!?]\s+)([a-z])", lambda m: m.group(1) + m.group(2).upper(), text)
+        return text if text[-1] in ".!?…\"')" else text + "."
+
+
+def _count_marks(text: str, marks: Sequence[str]) -> int:
+    """Occurrences of each mark in ``text``: a word or phrase as a whole word (any case), a
+    punctuation mark anywhere."""
+    lowered = text.lower()
+    total = 0
+    for mark in marks:
+        if re.fullmatch(r"\W+", mark):
+            total += lowered.count(mark)
+        else:
+            total += len(re.findall(rf"(?<!\w){re.escape(mark.lower())}(?!\w)", lowered))
+    return total
+
+
 class Persona(BaseModel):
     """How the bot presents itself: its name in the transcript, a description and example exchanges."""
 
@@ -224,6 +268,8 @@ class Persona(BaseModel):
     """Example exchanges pinned after the description."""
     decoding: dict[str, Any] = Field(default_factory=dict)
     """Decoding settings on top of the preset for this persona, e.g. ``{bot_repetition_penalty = 1.5}``."""
+    style: PersonaStyle = Field(default_factory=PersonaStyle)
+    """How its replies read where they are chosen among candidates (the ``[style]`` table)."""
 
     @field_validator("decoding")
     @classmethod

@@ -50,6 +50,8 @@ SIMILARITY_WEIGHT = 2.0
 """How much a close match of the contexts counts in a candidate's score, against the model's judgement."""
 PICK_SHARPNESS = 4.0
 """How strongly sampling settings favour the best-scored candidate over the next two."""
+STYLE_WEIGHT = 0.5
+"""What each preferred (or avoided) word of a persona's `style` adds to (or takes from) a candidate's score."""
 BACKWARD_WEIGHT = 2.0
 """How much the backward score (the message following the candidate) counts; 0 leaves it out."""
 UNCONDITIONAL_WEIGHT = 1.0
@@ -191,7 +193,10 @@ class BankedGenerator:
         started = time.perf_counter()
         said = {_key(t) for t in request.bot_texts}
         limit = request.settings.max_new_tokens
+        style = request.style
         answer = recall(request.context)
+        if answer is not None and style is not None:
+            answer = style.write(answer)
         if answer is not None and _key(answer) not in said and self.count_tokens(answer) <= limit:
             # What the person told the bot about themselves, asked back: only the conversation knows it.
             return GenerationResult(answer, own.prompt_tokens, self.count_tokens(answer), "stop",
@@ -200,6 +205,8 @@ class BankedGenerator:
         sims: list[float] = []
         for hit in self.bank.search([text for _, text in request.context], self.candidates):
             if _key(hit.reply) in said or self.count_tokens(hit.reply) > limit or _stopped(hit.reply, request):
+                continue
+            if style is not None and not style.allows(hit.reply):
                 continue
             texts.append(hit.reply)
             sims.append(hit.similarity)
@@ -211,8 +218,10 @@ class BankedGenerator:
         with self._lock:  # one scoring pass at a time on the model
             message = next((text for role, text in reversed(request.context) if role == "user"), "")
             scores = candidate_scores(self._scorer, self.format, request.prompt, texts, sims, message)
+        if style is not None:
+            scores = [s + STYLE_WEIGHT * style.fit(t) for s, t in zip(scores, texts)]
         best = self._pick(scores, request)
-        text = texts[best]
+        text = style.write(texts[best]) if style is not None else texts[best]
         if text == own.text:
             return own
         return GenerationResult(final_text(text, "stop", request), own.prompt_tokens, self.count_tokens(text), "stop",

@@ -60,3 +60,24 @@ def test_presets():
     assert PRESETS["creative"].temperature > PRESETS["balanced"].temperature > PRESETS["precise"].temperature
     with pytest.raises(ChatbotError, match="unknown decoding preset 'hot'; available: greedy"):
         get_preset("hot")
+
+
+def test_a_persona_style_counts_words_and_writes_sentences():
+    from chatbot.prompting import PersonaStyle
+
+    style = PersonaStyle(max_words=4, avoid=("lol", "u"), prefer=("!",), sentence_case=True)
+    assert style.fit("great!! lol") == 1.0 and style.fit("you lol u") == -2.0 and style.fit("plural") == 0.0
+    assert style.allows("one two three four") and not style.allows("one two three four five")
+    assert style.write("i think so. i'm sure") == "I think so. I'm sure."
+    assert style.write("is it?") == "Is it?" and PersonaStyle().write("i think so") == "i think so"
+
+
+def test_the_shipped_personas_styles_load_and_a_bad_key_is_named(tmp_path):
+    from chatbot.errors import ChatbotError
+    from chatbot.prompting import get_persona
+
+    assert get_persona("concise").style.max_words == 10 and get_persona("formal").style.sentence_case
+    assert get_persona("friendly").style.fit("anything at all!") == 0.0
+    (tmp_path / "odd.toml").write_text('name = "odd"\nspeaker = "Odd"\n[style]\nmax_word = 3\n', encoding="utf-8")
+    with pytest.raises(ChatbotError, match="style.max_word"):
+        get_persona("odd", tmp_path)

@@ -171,3 +171,17 @@ def test_the_backward_score_reads_the_message_after_each_candidate(roomy_gen):
     alone = roomy_gen.score("ada:", ["do you like music?"])[0]
     led = roomy_gen.score(["Bot: i love jazz\nada:", "Bot: blue\nada:"], ["do you like music?"] * 2)
     assert both == pytest.approx([f + BACKWARD_WEIGHT * (b - alone) for f, b in zip(forward, led)], abs=0.03)
+
+
+def test_a_persona_style_steers_the_choice_and_the_writing(roomy_gen):
+    from chatbot.prompting import PersonaStyle
+
+    banked = BankedGenerator(roomy_gen, ResponseBank(PAIRS), candidates=5)
+    terse = PersonaStyle(max_words=3, sentence_case=True)
+    req = GenerationRequest("ada: do you like music?\nBot:", GREEDY, ("\n",), context=(("user", "do you like music?"),),
+                            style=terse)
+    text = banked.generate([req])[0].text
+    assert text != "I love music, mostly jazz and old soul records."  # too long for this persona
+    name = GenerationRequest("ada: i'm maya\nBot: hi\nada: what's my name?\nBot:", GREEDY, ("\n",),
+                             context=(("user", "i'm maya"), ("bot", "hi"), ("user", "what's my name?")), style=terse)
+    assert banked.generate([name])[0].text == "Your name is Maya!"
