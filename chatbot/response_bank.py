@@ -114,6 +114,7 @@ class ResponseBank:
                 with kept.open("rb") as f:
                     bank = pickle.load(f)  # only ever a file this function wrote (see below)
                 if isinstance(bank, cls):
+                    os.utime(kept)  # in use: the newest are the ones kept (`KEPT_BANKS`)
                     return bank
             except Exception as err:  # a damaged or foreign file: built again and replaced
                 log.warning("response bank cache %s unreadable (%s); building it again", kept, err)
@@ -243,6 +244,8 @@ class BankedGenerator:
         return rng.choices(top, weights)[0]
 
 
+KEPT_BANKS = 3
+"""Built banks kept in the cache folder at most; the least recently used go first."""
 BANK_RULES = 1
 """Changes when what goes into a bank, or how it is indexed, changes: older cached banks are then rebuilt."""
 
@@ -282,6 +285,11 @@ def _keep(bank: ResponseBank, path: Path) -> None:
         with os.fdopen(handle, "wb") as f:
             pickle.dump(bank, f, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(temporary, path)
+        # Banks of sources that changed or went away (an edited file, another install of the
+        # corpus) would pile up: the least recently used beyond `KEPT_BANKS` go.
+        kept = sorted(path.parent.glob("bank-*.pickle"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in kept[KEPT_BANKS:]:
+            old.unlink(missing_ok=True)
     except OSError as err:
         log.warning("response bank not kept in %s (%s); it is built again at the next start", path.parent, err)
         if temporary is not None:

@@ -185,3 +185,18 @@ def test_a_persona_style_steers_the_choice_and_the_writing(roomy_gen):
     name = GenerationRequest("ada: i'm maya\nBot: hi\nada: what's my name?\nBot:", GREEDY, ("\n",),
                              context=(("user", "i'm maya"), ("bot", "hi"), ("user", "what's my name?")), style=terse)
     assert banked.generate([name])[0].text == "Your name is Maya!"
+
+
+def test_only_the_most_recently_used_banks_are_kept(tmp_path):
+    import os
+
+    from chatbot.response_bank import KEPT_BANKS
+
+    cache = tmp_path / "cache"
+    for n in range(KEPT_BANKS + 2):
+        path = tmp_path / f"faq{n}.jsonl"
+        path.write_text(json.dumps({"context": f"question {n}", "reply": f"answer {n}"}) + "\n", encoding="utf-8")
+        ResponseBank.load(path, cache=cache)
+        for kept in cache.glob("bank-*.pickle"):  # older by a second each round, whatever the clock's grain
+            os.utime(kept, (kept.stat().st_mtime - 1, kept.stat().st_mtime - 1))
+    assert len(list(cache.glob("bank-*.pickle"))) == KEPT_BANKS
