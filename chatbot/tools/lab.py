@@ -162,6 +162,9 @@ class Grid(BaseModel):
     presets: tuple[str, ...] = Field((DEFAULT_PRESET,), max_length=20)
     models: tuple[str, ...] = Field((), max_length=5)
     """Model directories or cached hub names; empty means the settings' model."""
+    response_banks: tuple[tuple[str, ...], ...] = Field(((),), min_length=1, max_length=4)
+    """Each a response bank the models choose replies from, as `Settings.response_bank` names one
+    (``[]``: the model's own replies alone); every model runs once per entry."""
 
     _lists = field_validator("personas", "presets")(_not_empty)
 
@@ -334,6 +337,8 @@ class LabPlan:
     models: dict[str, str]
     """Display name -> what to load (directory or hub name)."""
     settings: Any
+    banks: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Display name -> the response bank its replies are chosen from (none: the model alone)."""
 
     @property
     def replies_per_cell(self) -> int:
@@ -422,8 +427,12 @@ def prepare(path: str | Path, settings: Any, *, models: Sequence[str] = (), seed
                 raise ChatbotError(f"{path}: `conversations.{conv_no}.turns.{turn_no}.user`: {err}") from None
     sources = list(models) or list(scenario.grid.models) or [settings.model or ""]
     labels: dict[str, str] = {}
+    banks: dict[str, tuple[str, ...]] = {}
     for source in sources:
-        labels[_model_label(resolve_model(source), set(labels))] = source
+        base = _model_label(resolve_model(source), set(labels))
+        for bank in scenario.grid.response_banks:
+            label = base if not bank else f"{base}+{'+'.join(Path(b).stem for b in bank)}"
+            labels[label], banks[label] = source, tuple(bank)
     cells = []
     for model in labels:
         for persona_name, persona in personas.items():
@@ -436,7 +445,7 @@ def prepare(path: str | Path, settings: Any, *, models: Sequence[str] = (), seed
                     base, overrides = preset, {}
                 resolved = compose(base, persona.decoding, settings.decoding, overrides)
                 cells.append(LabCell(model, persona_name, preset, base, overrides, resolved))
-    return LabPlan(scenario, path, personas, cells, labels, settings)
+    return LabPlan(scenario, path, personas, cells, labels, settings, banks)
 
 
 def turn_seed(seed: int, sample: int, conversation: int, turn: int) -> int:
@@ -523,13 +532,28 @@ def load_generators(plan: LabPlan, *, device: str = "auto", allow_download: bool
     """Every model of the grid, loaded and checked before any cell runs."""
     from ..generation import LocalGenerator
 
-    loaded = {}
+    from ..response_bank import BankedGenerator, ResponseBank
+
+    loaded: dict[str, Any] = {}
+    models: dict[str, Any] = {}
+    banks: dict[tuple[str, ...], ResponseBank] = {}
     for label, source in plan.models.items():
-        try:
-            generator = LocalGenerator.from_pretrained(source or None, device=device, allow_download=allow_download)
-        except ChatbotError as err:
-            where = "`grid.models`" if plan.scenario.grid.models else "model"
-            raise ChatbotError(f"{plan.path}: {where}: {err}") from None
+        if source not in models:
+            try:
+                models[source] = LocalGenerator.from_pretrained(source or None, device=device,
+                                                                allow_download=allow_download)
+            except ChatbotError as err:
+                where = "`grid.models`" if plan.scenario.grid.models else "model"
+                raise ChatbotError(f"{plan.path}: {where}: {err}") from None
+        generator = models[source]
+        bank = plan.banks.get(label, ())
+        if bank:
+            if bank not in banks:
+                try:
+                    banks[bank] = ResponseBank.load(bank)
+                except ChatbotError as err:
+                    raise ChatbotError(f"{plan.path}: `grid.response_banks`: {err}") from None
+            generator = BankedGenerator(generator, banks[bank], candidates=plan.settings.bank_candidates)
         _check_against_model(plan, label, generator)
         loaded[label] = generator
     return loaded
@@ -591,10 +615,10 @@ def _score(generator: Any, scored: Sequence[tuple[str, str]]) -> tuple[float, in
     # In a transcript the reply's first word carries the space after "Name:"; a DialoGPT
     # reply follows the end-of-text token directly (as `LocalGenerator.bot_turn_ids` reads them).
     lead = " " if generator.format.name == "transcript" else ""
+    model = getattr(generator, "base", generator)  # a response bank's replies are scored by its model
     total, tokens = 0.0, 0
     for prompt, reply in scored:
-        nll, n = reply_nll(generator.model, generator.encode(prompt), generator.encode(lead + reply),
-                           generator.context_size)
+        nll, n = reply_nll(model.model, model.encode(prompt), model.encode(lead + reply), model.context_size)
         total, tokens = total + nll, tokens + n
     return total, tokens
 

@@ -503,6 +503,25 @@ def test_a_grid_can_compare_models(lab_run, lab_env, capsys):
     assert "lab-gpt20 / other / short" in out and "second-gpt2 / other / short" in out
 
 
+def test_a_grid_can_compare_response_banks(lab_run, lab_env, capsys):
+    bank = lab_env / "faq.jsonl"
+    bank.write_text(json.dumps({"context": "hi", "reply": "hello from the bank"}) + "\n", encoding="utf-8")
+    scenario = lab_env / "banks.toml"
+    scenario.write_text(f'samples = 1\n[grid]\npersonas = ["other"]\npresets = ["greedy"]\n'
+                        f'response_banks = [[], ["{bank}"], ["nope.jsonl"]]\n[[conversations]]\nturns = ["hi"]\n',
+                        encoding="utf-8")
+    code, out, err = run(capsys, "lab", scenario, "--model", lab_run["model"], "--device", "cpu", "--out", lab_env / "o")
+    assert code == 2 and "`grid.response_banks`: response bank nope.jsonl: no such file" in err
+    scenario.write_text(scenario.read_text(encoding="utf-8").replace(', ["nope.jsonl"]', ""), encoding="utf-8")
+    code, out, err = run(capsys, "lab", scenario, "--model", lab_run["model"], "--device", "cpu", "--out", lab_env / "o")
+    assert code == 0, err
+    doc = json.loads((lab_env / "o" / "results.json").read_text(encoding="utf-8"))
+    assert [c["key"] for c in doc["cells"]] == ["lab-gpt20 / other / greedy", "lab-gpt20+faq / other / greedy"]
+    replies = [c["transcripts"][0]["turns"][0]["reply"] for c in doc["cells"]]
+    assert replies[1] in {replies[0], "hello from the bank"}
+    assert doc["cells"][1]["metrics"]["perplexity"] > 0  # the bank's replies are scored by its model
+
+
 def test_the_shipped_scenarios_are_valid():
     settings = Settings.load(None, prompts_dir=str(REPO / "prompts"))
     personas = prepare(REPO / "prompts" / "lab" / "personas.toml", settings)
