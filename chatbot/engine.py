@@ -374,9 +374,11 @@ def load_generator(settings: Settings) -> Generator:
     (`BatchingGenerator`) when `Settings.max_batch` is above 1, choosing among a response bank's
     replies too (`BankedGenerator`) when `Settings.response_bank` names one."""
     from .generation import LocalGenerator
-    from .response_bank import banked
+    from .response_bank import banked, check_sources
     from .scheduler import BatchingGenerator
 
+    if settings.response_bank:
+        check_sources(settings.response_bank)  # a mistyped file fails before the model loads
     generator = LocalGenerator.from_pretrained(settings.model, device=settings.device,
                                                allow_download=settings.allow_download)
     if settings.max_batch > 1:

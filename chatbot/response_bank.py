@@ -100,13 +100,7 @@ class ResponseBank:
         user's cache folder, `cache_folder`) and read from there next time, for as long as its
         sources, this module's rules and scikit-learn's version stay the same.
         """
-        names = [str(sources)] if isinstance(sources, (str, Path)) else [str(s) for s in sources]
-        if not names:
-            raise ChatbotError("response bank: no source given")
-        for name in names:
-            if name != BUNDLED_BANK and not Path(name).is_file():
-                raise ChatbotError(f"response bank {name}: no such file (give `{BUNDLED_BANK}` or a .jsonl file "
-                                   "of {\"context\": ..., \"reply\": ...} lines)")
+        names = check_sources(sources)
         folder = cache_folder() if cache is None else cache
         kept = folder / f"bank-{_identity(names)}.pickle" if folder is not None else None
         if kept is not None and kept.is_file():
@@ -242,6 +236,18 @@ class BankedGenerator:
                    for i in top]
         rng = random.Random(settings.seed)
         return rng.choices(top, weights)[0]
+
+
+def check_sources(sources: str | Path | Sequence[str | Path]) -> list[str]:
+    """The names of a bank's sources, each one checked: ``chitchat`` or a file that exists."""
+    names = [str(sources)] if isinstance(sources, (str, Path)) else [str(s) for s in sources]
+    if not names:
+        raise ChatbotError("response bank: no source given")
+    for name in names:
+        if name != BUNDLED_BANK and not Path(name).is_file():
+            raise ChatbotError(f"response bank {name}: no such file (give `{BUNDLED_BANK}` or a .jsonl file "
+                               "of {\"context\": ..., \"reply\": ...} lines)")
+    return names
 
 
 KEPT_BANKS = 3

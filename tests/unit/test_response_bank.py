@@ -200,3 +200,17 @@ def test_only_the_most_recently_used_banks_are_kept(tmp_path):
         for kept in cache.glob("bank-*.pickle"):  # older by a second each round, whatever the clock's grain
             os.utime(kept, (kept.stat().st_mtime - 1, kept.stat().st_mtime - 1))
     assert len(list(cache.glob("bank-*.pickle"))) == KEPT_BANKS
+
+
+def test_a_mistyped_bank_file_fails_before_the_model_loads(tmp_path, monkeypatch):
+    from chatbot.config import Settings
+    from chatbot.engine import load_generator
+    from chatbot.generation import LocalGenerator
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(LocalGenerator, "from_pretrained", no_model)
+    with pytest.raises(ChatbotError, match="response bank .*nope.jsonl: no such file"):
+        load_generator(Settings(response_bank=("chitchat", str(tmp_path / "nope.jsonl"))))
+    assert not (tmp_path / "nope.jsonl").exists()
