@@ -75,6 +75,12 @@ def config_option(p: argparse.ArgumentParser, what: str = "settings file (TOML)"
     p.add_argument("--config", default=None, help=f"{what}; default: chatbot.toml in this folder if there is one")
 
 
+def memory_option(p: argparse.ArgumentParser) -> None:
+    """``--memory``, which `settings_from_args` reads as the settings' ``memory_path``."""
+    p.add_argument("--memory", default=None, help="SQLite file for conversations, ':memory:' to forget on exit "
+                                                  "(default: the settings' memory_path, chatbot.sqlite3)")
+
+
 def model_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="model directory, or a hub name already in the local cache (default: the shipped model)")

@@ -7,7 +7,7 @@ import argparse
 import logging
 from typing import Any
 
-from adapters.cli import FaceCommand, config_option, model_option, settings_from_args
+from adapters.cli import FaceCommand, config_option, memory_option, model_option, settings_from_args
 from adapters.discord_settings import NO_TOKEN, DiscordSettings
 from chatbot.errors import ChatbotError
 
@@ -22,7 +22,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentPa
                                    "channels until Ctrl-C or SIGTERM. Memory is the same SQLite file the terminal chat uses.")
     config_option(d)
     model_option(d)
-    d.add_argument("--memory", default=None, help="SQLite file for conversations (default: the settings' memory_path)")
+    memory_option(d)
     d.add_argument("--persona", default=None, help="persona for channels that have not chosen one (default: the settings')")
     d.add_argument("--channel", type=int, action="append", default=None, metavar="ID",
                    help="answer every message in this channel, without a mention (repeatable)")

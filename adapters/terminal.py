@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from adapters.cli import FaceCommand, config_option, decoding_options, model_option, settings_from_args
+from adapters.cli import FaceCommand, config_option, decoding_options, memory_option, model_option, settings_from_args
 from chatbot.errors import ChatbotError
 
 
@@ -20,8 +20,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentPa
                                    "one line per line read. Inside the chat, /help lists the commands.")
     config_option(c)
     model_option(c)
-    c.add_argument("--memory", default=None, help="SQLite file for conversations, ':memory:' to forget on exit "
-                                                  "(default: the settings' memory_path, chatbot.sqlite3)")
+    memory_option(c)
     c.add_argument("--conversation", default="cli:local",
                    help="conversation id, 'scope:key' (default %(default)s); each id has its own memory")
     c.add_argument("--persona", default=None,
