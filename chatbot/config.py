@@ -56,15 +56,7 @@ class Section(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _lists_from_text(cls, values: Any) -> Any:
-        # The environment gives a list as "a,b"; a tuple field takes it split at the commas.
-        if not isinstance(values, Mapping):
-            return values
-        out = dict(values)
-        for key, value in values.items():
-            field = cls.model_fields.get(key)
-            if isinstance(value, str) and field is not None and _is_tuple(field.annotation):
-                out[key] = tuple(v.strip() for v in value.split(",") if v.strip())
-        return out
+        return _split_lists(cls, values)
 
 
 S = TypeVar("S", bound=Section)
@@ -103,6 +95,19 @@ def known_sections() -> dict[str, type[Section]]:
     for cls in _installed_sections():
         _REGISTERED.setdefault(cls.name, cls)
     return dict(_REGISTERED)
+
+
+def _split_lists(model: type[BaseModel], values: Any) -> Any:
+    """``values`` with each text given for a list field split at its commas: how the environment
+    gives a list ("a,b"), and one name in a file stands for a list of one ("" for none)."""
+    if not isinstance(values, Mapping):
+        return values
+    out = dict(values)
+    for key, value in values.items():
+        field = model.model_fields.get(key)
+        if isinstance(value, str) and field is not None and _is_tuple(field.annotation):
+            out[key] = tuple(v.strip() for v in value.split(",") if v.strip())
+    return out
 
 
 def _is_tuple(annotation: Any) -> bool:
@@ -237,15 +242,7 @@ class Settings(BaseModel):
         if unknown:
             raise ValueError(f"`{unknown[0]}` is not a known setting (sections: {', '.join(sorted(known)) or 'none'})")
         out["sections"] = {name: _section_values(known[name], table) for name, table in tables.items()}
-        return out
-
-    @field_validator("response_bank", mode="before")
-    @classmethod
-    def _bank_sources(cls, value: Any) -> Any:
-        # One name is a bank of one source; "a,b" (the environment's way) is two; "" is none.
-        if isinstance(value, str):
-            return tuple(v.strip() for v in value.split(",") if v.strip())
-        return value
+        return _split_lists(cls, out)
 
     @field_validator("device")
     @classmethod
@@ -365,8 +362,6 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
                 values.setdefault(table, {})[sub] = None if raw.strip() in ("", "none") else raw
             else:
                 values.setdefault(table, {})[sub] = raw
-        elif key in ("blocklist", "allowlist", "response_bank"):
-            values[key] = tuple(w.strip() for w in raw.split(",") if w.strip())
         elif key in fields and key != "decoding":
             values[key] = raw
         elif key in ("config", "cache"):
