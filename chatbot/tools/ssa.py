@@ -168,8 +168,10 @@ def hits_at_1(contexts: Sequence[dict[str, Any]], settings: Settings, *, distrac
     other contexts (hits@1 of 10, as ConvAI2 reports it): by its likelihood alone, and by the
     response bank's score (`candidate_scores`, no context similarity). A measure that needs no
     judge and runs in seconds; it follows how well a model can choose, not how well it writes."""
-    from ..conversation import Turn, prompt_planner
+    from ..conversation import Turn
+    from ..exchange import Exchanges
     from ..generation import LocalGenerator
+    from ..memory import InMemoryStore
     from ..personas import PersonaBook
     from ..response_bank import candidate_scores
 
@@ -182,8 +184,8 @@ def hits_at_1(contexts: Sequence[dict[str, Any]], settings: Settings, *, distrac
     book = PersonaBook(settings.prompts_dir, settings.persona, settings.preset, settings.decoding)
     persona = book.default
     decoding = book.decoding(persona, settings.preset or persona.preset, None)
-    plan = prompt_planner(generator, decoding, speaker=persona.speaker, preamble=persona.description,
-                          pinned=persona.example_turns(USER), speakers=(USER,), chunk=settings.window_chunk)
+    # The prompt the engine would build for these turns: its own planner.
+    plan = Exchanges(generator, InMemoryStore(), book, settings, None).planner(persona, decoding)
     rng = random.Random(seed)
     likelihood = mutual = 0
     for n, item in enumerate(scored):
