@@ -468,7 +468,7 @@ class LocalGenerator:
                                 device=self.device)
             positions = torch.arange(len(head), len(head) + width, device=self.device).expand(len(tails), -1)
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                **{_CACHE_ARGUMENT.get(self.model): cache}).logits.float()
+                                **{_cache_argument(type(self.model)): cache}).logits.float()
             after_head = torch.log_softmax(first.logits[0, -1].float(), dim=-1)
             logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None])[..., 0]
         return [float((after_head[t[0]] + logp[i, : len(t) - 1].sum()) / len(t)) for i, t in enumerate(tails)]
@@ -638,23 +638,13 @@ class _TokenThread:
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
-class _CacheArgument:
-    """The keyword a model's forward takes its cache under: ``cache`` where transformers has renamed
-    ``past_key_values`` (5.x warns on the old name), else ``past_key_values``."""
+@functools.cache
+def _cache_argument(kind: type) -> str:
+    """The keyword a model class's forward takes its cache under: ``cache`` where transformers has
+    renamed ``past_key_values`` (5.x warns on the old name), else ``past_key_values``."""
+    import inspect
 
-    def __init__(self) -> None:
-        self._known: dict[type, str] = {}
-
-    def get(self, model: Any) -> str:
-        kind = type(model)
-        if kind not in self._known:
-            import inspect
-
-            self._known[kind] = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        return self._known[kind]
-
-
-_CACHE_ARGUMENT = _CacheArgument()
+    return "cache" if "cache" in inspect.signature(kind.forward).parameters else "past_key_values"
 
 
 class ReplyText:
