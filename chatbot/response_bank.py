@@ -25,7 +25,6 @@ import pickle
 import random
 import re
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +159,6 @@ class BankedGenerator:
         self.tokenizer = getattr(base, "tokenizer", None)
         self.max_concurrency = getattr(base, "max_concurrency", 1)
         self._scorer = getattr(base, "base", base)  # a batching generator scores on its local one
-        self._lock = threading.Lock()
 
     def count_tokens(self, text: str) -> int:
         return self.base.count_tokens(text)
@@ -210,9 +208,8 @@ class BankedGenerator:
             sims.append(0.0)
         if not texts:
             return own
-        with self._lock:  # one scoring pass at a time on the model
-            message = next((text for role, text in reversed(request.context) if role == "user"), "")
-            scores = candidate_scores(self._scorer, self.format, request.prompt, texts, sims, message)
+        message = next((text for role, text in reversed(request.context) if role == "user"), "")
+        scores = candidate_scores(self._scorer, self.format, request.prompt, texts, sims, message)
         if style is not None:
             scores = [s + STYLE_WEIGHT * style.fit(t) for s, t in zip(scores, texts)]
         best = self._pick(scores, request)
