@@ -510,9 +510,11 @@ def cmd_ssa(args: argparse.Namespace) -> int:
         settings = Settings.load(args.config, model=args.model, device=args.device,
                                  allow_download=args.allow_download or None)
         r = hits_at_1(load_contexts(args.contexts), settings, seed=args.seed)
+        with_meaning = (f", {r['hits_at_1_with_meaning']:.2f} with the sentence encoder's"
+                        if "hits_at_1_with_meaning" in r else "")
         print(f"hits@1 of {r['candidates']} over {r['contexts']} contexts: {r['hits_at_1_likelihood']:.2f} by "
-              f"likelihood, {r['hits_at_1_bank_score']:.2f} by the response bank's score "
-              f"(chance: {1 / r['candidates']:.2f})")
+              f"likelihood, {r['hits_at_1_bank_score']:.2f} by the model's score for the response bank"
+              f"{with_meaning} (chance: {1 / r['candidates']:.2f})")
         return 0
     if args.ssa_command == "score":
         results = score(Path(args.out))

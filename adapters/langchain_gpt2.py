@@ -65,11 +65,11 @@ def _shared_generator(model: str, device: str, allow_download: bool) -> Any:
 
 
 @lru_cache(maxsize=8)
-def _shared_bank(generator: Any, sources: tuple[str, ...], candidates: int) -> Any:
-    """One response bank per (model, sources) in the process, shared as the model is."""
+def _shared_bank(generator: Any, sources: tuple[str, ...], candidates: int, encoder: str) -> Any:
+    """One response bank per (model, sources, encoder) in the process, shared as the model is."""
     from chatbot.response_bank import banked
 
-    return banked(generator, sources, candidates)
+    return banked(generator, sources, candidates, encoder)
 
 
 class _GPT2Mixin(BaseModel):
@@ -320,6 +320,9 @@ class ChatGPT2(_GPT2Mixin, BaseChatModel):
     (`Settings.response_bank`); used with the model this instance loads, not with a ``generator``
     given to it. Empty for the model's replies alone."""
     bank_candidates: int = 30
+    sentence_encoder: str = "all-MiniLM-L6-v2"
+    """Whose sentence embeddings compare the bank's candidates with the conversation
+    (`Settings.sentence_encoder`); empty to leave them out."""
 
     @model_validator(mode="after")
     def _load(self) -> ChatGPT2:
@@ -337,7 +340,7 @@ class ChatGPT2(_GPT2Mixin, BaseChatModel):
         if loads_its_model and self.response_bank:
             try:
                 object.__setattr__(self, "generator", _shared_bank(self.generator, tuple(self.response_bank),
-                                                                   self.bank_candidates))
+                                                                   self.bank_candidates, self.sentence_encoder))
             except ChatbotError as err:
                 raise ValueError(str(err)) from None
         return self

@@ -209,6 +209,10 @@ class Settings(BaseModel):
     files of ``{"context": ..., "reply": ...}`` pairs; empty for the model's replies alone."""
     bank_candidates: int = Field(30, ge=1, le=500)
     """Bank replies scored for each message when `response_bank` is set."""
+    sentence_encoder: str = "all-MiniLM-L6-v2"
+    """The sentence-transformers model whose embeddings say how close each bank candidate's meaning is
+    to the conversation (`chatbot/sentence_encoder.py`): ``all-MiniLM-L6-v2`` (bundled), a model
+    folder, or empty to leave meaning out of the choice."""
     fallback_reply: str = Field("Sorry, I lost my train of thought. Could you say that another way?",
                                 min_length=1, max_length=500)
     """What the bot says when the model produces nothing usable."""

@@ -376,16 +376,19 @@ def load_generator(settings: Settings) -> Generator:
     from .generation import LocalGenerator
     from .response_bank import banked, check_sources
     from .scheduler import BatchingGenerator
+    from .sentence_encoder import check_encoder
 
     if settings.response_bank:
         check_sources(settings.response_bank)  # a mistyped file fails before the model loads
+        if settings.sentence_encoder:
+            check_encoder(settings.sentence_encoder)
     generator = LocalGenerator.from_pretrained(settings.model, device=settings.device,
                                                allow_download=settings.allow_download)
     if settings.max_batch > 1:
         generator = BatchingGenerator(generator, max_batch=settings.max_batch,
                                       cache_bytes=settings.prefix_cache_mb * 2**20, prefill_chunk=settings.prefill_chunk)
     if settings.response_bank:
-        generator = banked(generator, settings.response_bank, settings.bank_candidates)
+        generator = banked(generator, settings.response_bank, settings.bank_candidates, settings.sentence_encoder)
     return generator
 
 

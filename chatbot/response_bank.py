@@ -35,7 +35,8 @@ from .errors import ChatbotError, CorpusError
 from .generation import GenerationRequest, GenerationResult, final_text
 from .recall import recall
 
-__all__ = ["ResponseBank", "BankHit", "BankedGenerator", "BUNDLED_BANK", "cache_folder", "banked", "candidate_scores"]
+__all__ = ["ResponseBank", "BankHit", "BankedGenerator", "BUNDLED_BANK", "cache_folder", "banked", "candidate_scores",
+           "meaning_scores"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,16 @@ BACKWARD_WEIGHT = 2.0
 """How much the backward score (the message following the candidate) counts; 0 leaves it out."""
 UNCONDITIONAL_WEIGHT = 1.0
 """How much a candidate's likelihood without the conversation is taken off (1: pointwise mutual information)."""
+MEANING_WEIGHT = 6.0
+"""How much the cosine of a candidate's and the conversation's sentence embeddings counts
+(`SentenceEncoder`); a cosine's spread among candidates is about a third of the model's scores'."""
+MEANING_TURNS = 3
+"""The conversation's newest turns that a candidate's meaning is compared with."""
+ECHO_COSINE = 0.7
+"""A candidate closer than this in meaning to one of those turns starts to say it back, not answer it."""
+ECHO_WEIGHT = 20.0
+"""What each step of cosine beyond `ECHO_COSINE` takes off: "good morning!" to "good morning!!" is
+left just above nothing, and the question the person asked two turns ago is not asked back."""
 
 
 @dataclass(frozen=True)
@@ -147,12 +158,14 @@ class BankedGenerator:
     recently, or longer than ``max_new_tokens``, is never chosen.
     """
 
-    def __init__(self, base: Any, bank: ResponseBank, *, candidates: int = 30) -> None:
+    def __init__(self, base: Any, bank: ResponseBank, *, candidates: int = 30, encoder: Any = None) -> None:
         if candidates < 1:
             raise ChatbotError(f"`bank_candidates` must be at least 1, got {candidates}")
         self.base = base
         self.bank = bank
         self.candidates = candidates
+        self.encoder = encoder
+        """A `SentenceEncoder` whose cosines count in the scores (`MEANING_WEIGHT`), or None."""
         self.name = base.name
         self.format = base.format
         self.context_size = base.context_size
@@ -210,6 +223,8 @@ class BankedGenerator:
             return own
         message = next((text for role, text in reversed(request.context) if role == "user"), "")
         scores = candidate_scores(self._scorer, self.format, request.prompt, texts, sims, message)
+        if self.encoder is not None:
+            scores = [s + m for s, m in zip(scores, meaning_scores(self.encoder, request.context, texts))]
         if style is not None:
             scores = [s + STYLE_WEIGHT * style.fit(t) for s, t in zip(scores, texts)]
         best = self._pick(scores, request)
@@ -326,6 +341,23 @@ def candidate_scores(scorer: Any, fmt: Any, prompt: str, texts: Sequence[str],
     return scores
 
 
+def meaning_scores(encoder: Any, context: Sequence[tuple[str, str]], texts: Sequence[str]) -> list[float]:
+    """How close in meaning each text is to the conversation's newest turns (``context``: (role,
+    text) pairs, oldest first), by ``encoder``'s sentence embeddings: `MEANING_WEIGHT` times the
+    cosine with those turns together, less `ECHO_WEIGHT` times how far the cosine with any one of
+    them passes `ECHO_COSINE` (a reply that says a turn again is close to it, and no answer)."""
+    turns = [text for _, text in context[-MEANING_TURNS:] if text.strip()]
+    if not turns or not texts:
+        return [0.0] * len(texts)
+    together = [" ".join(turns)] if len(turns) > 1 else []
+    rows = encoder.cosines([*together, *turns], texts)
+    scores = []
+    for n in range(len(texts)):
+        echo = max(row[n] for row in rows[len(together):])
+        scores.append(MEANING_WEIGHT * rows[0][n] - ECHO_WEIGHT * max(0.0, echo - ECHO_COSINE))
+    return scores
+
+
 def _speakers(prompt: str, fmt: Any) -> tuple[str, str] | None:
     """The bot's and the person's names in a transcript prompt (``...\nUser: hi\nSam:``)."""
     if getattr(fmt, "name", "") != "transcript":
@@ -389,10 +421,13 @@ def _chitchat_pairs() -> list[tuple[str, str]]:
     return pairs
 
 
-def banked(generator: Any, sources: Sequence[str], candidates: int) -> BankedGenerator:
-    """``generator`` answering with the bank of ``sources`` as well (`ResponseBank.load`)."""
+def banked(generator: Any, sources: Sequence[str], candidates: int, encoder: str | None = None) -> BankedGenerator:
+    """``generator`` answering with the bank of ``sources`` as well (`ResponseBank.load`), its
+    candidates' meanings compared by the sentence ``encoder`` (`load_encoder`) unless it is empty."""
+    from .sentence_encoder import load_encoder
+
     started = time.perf_counter()
     bank = ResponseBank.load(sources)
     log.info("response bank %s: %d replies, indexed in %.1f s", bank.name, len(bank), time.perf_counter() - started)
-    return BankedGenerator(generator, bank, candidates=candidates)
+    return BankedGenerator(generator, bank, candidates=candidates, encoder=load_encoder(encoder) if encoder else None)
 

@@ -533,6 +533,7 @@ def load_generators(plan: LabPlan, *, device: str = "auto", allow_download: bool
     from ..generation import LocalGenerator
 
     from ..response_bank import BankedGenerator, ResponseBank
+    from ..sentence_encoder import load_encoder
 
     loaded: dict[str, Any] = {}
     models: dict[str, Any] = {}
@@ -553,7 +554,13 @@ def load_generators(plan: LabPlan, *, device: str = "auto", allow_download: bool
                     banks[bank] = ResponseBank.load(bank)
                 except ChatbotError as err:
                     raise ChatbotError(f"{plan.path}: `grid.response_banks`: {err}") from None
-            generator = BankedGenerator(generator, banks[bank], candidates=plan.settings.bank_candidates)
+            encoder = plan.settings.sentence_encoder
+            try:
+                encoder = load_encoder(encoder) if encoder else None
+            except ChatbotError as err:
+                raise ChatbotError(f"{plan.path}: `sentence_encoder`: {err}") from None
+            generator = BankedGenerator(generator, banks[bank], candidates=plan.settings.bank_candidates,
+                                        encoder=encoder)
         _check_against_model(plan, label, generator)
         loaded[label] = generator
     return loaded

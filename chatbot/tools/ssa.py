@@ -165,15 +165,17 @@ def score(out: Path) -> dict[str, dict[str, float]]:
 def hits_at_1(contexts: Sequence[dict[str, Any]], settings: Settings, *, distractors: int = 9,
               seed: int = 0) -> dict[str, float]:
     """How often the model ranks a context's reference reply above ``distractors`` references of
-    other contexts (hits@1 of 10, as ConvAI2 reports it): by its likelihood alone, and by the
-    response bank's score (`candidate_scores`, no context similarity). A measure that needs no
-    judge and runs in seconds; it follows how well a model can choose, not how well it writes."""
+    other contexts (hits@1 of 10, as ConvAI2 reports it): by its likelihood alone, by the response
+    bank's score (`candidate_scores`, no context similarity), and by that score with the sentence
+    encoder's (`meaning_scores`, when `Settings.sentence_encoder` names one). A measure that needs
+    no judge and runs in seconds; it follows how well a model can choose, not how well it writes."""
     from ..conversation import Turn
     from ..exchange import Exchanges
     from ..generation import LocalGenerator
     from ..memory import InMemoryStore
     from ..personas import PersonaBook
-    from ..response_bank import candidate_scores
+    from ..response_bank import candidate_scores, meaning_scores
+    from ..sentence_encoder import load_encoder
 
     scored = [c for c in contexts if isinstance(c.get("reference"), str) and c["reference"].strip()]
     if len(scored) <= distractors:
@@ -186,8 +188,9 @@ def hits_at_1(contexts: Sequence[dict[str, Any]], settings: Settings, *, distrac
     decoding = book.decoding(persona, settings.preset or persona.preset, None)
     # The prompt the engine would build for these turns: its own planner.
     plan = Exchanges(generator, InMemoryStore(), book, settings, None).planner(persona, decoding)
+    encoder = load_encoder(settings.sentence_encoder) if settings.sentence_encoder else None
     rng = random.Random(seed)
-    likelihood = mutual = 0
+    likelihood = mutual = meaning = 0
     for n, item in enumerate(scored):
         others = [c["reference"] for m, c in enumerate(scored) if m != n]
         texts = [item["reference"], *rng.sample(others, distractors)]
@@ -199,6 +202,13 @@ def hits_at_1(contexts: Sequence[dict[str, Any]], settings: Settings, *, distrac
         ranked = candidate_scores(generator, generator.format, prompt, texts, [0.0] * len(texts),
                                   item["turns"][-1]["text"])
         mutual += max(range(len(texts)), key=ranked.__getitem__) == 0
-    return {"contexts": len(scored), "candidates": distractors + 1,
-            "hits_at_1_likelihood": round(likelihood / len(scored), 3),
-            "hits_at_1_bank_score": round(mutual / len(scored), 3)}
+        if encoder is not None:
+            said = [(t["role"], t["text"]) for t in item["turns"]]
+            ranked = [r + m for r, m in zip(ranked, meaning_scores(encoder, said, texts))]
+            meaning += max(range(len(texts)), key=ranked.__getitem__) == 0
+    result = {"contexts": len(scored), "candidates": distractors + 1,
+              "hits_at_1_likelihood": round(likelihood / len(scored), 3),
+              "hits_at_1_bank_score": round(mutual / len(scored), 3)}
+    if encoder is not None:
+        result["hits_at_1_with_meaning"] = round(meaning / len(scored), 3)
+    return result

@@ -95,6 +95,8 @@ def test_hits_at_1_ranks_each_reference_among_others(capsys, monkeypatch, tmp_pa
     result = hits_at_1(contexts, settings, distractors=9)
     assert result["contexts"] == 12 and result["candidates"] == 10
     assert 0 <= result["hits_at_1_likelihood"] <= 1 and 0 <= result["hits_at_1_bank_score"] <= 1
+    assert 0 <= result["hits_at_1_with_meaning"] <= 1  # the bundled sentence encoder, on by default
+    assert "hits_at_1_with_meaning" not in hits_at_1(contexts, settings.model_copy(update={"sentence_encoder": ""}))
     assert hits_at_1(contexts, settings, distractors=9) == result  # the same distractors for the same seed
     with pytest.raises(ChatbotError, match="more than 9 contexts"):
         hits_at_1(contexts[:5], settings)
@@ -103,4 +105,5 @@ def test_hits_at_1_ranks_each_reference_among_others(capsys, monkeypatch, tmp_pa
     monkeypatch.setenv("CHATBOT_PROMPTS_DIR", str(tiny_prompts))
     monkeypatch.setenv("CHATBOT_PERSONA", "tester")
     assert main(["ssa", "hits", str(path), "--model", str(tiny_dir), "--device", "cpu"]) == 0
-    assert capsys.readouterr().out.startswith("hits@1 of 10 over 12 contexts: ")
+    out = capsys.readouterr().out
+    assert out.startswith("hits@1 of 10 over 12 contexts: ") and "with the sentence encoder's" in out
