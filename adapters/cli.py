@@ -259,6 +259,13 @@ def build_parser(faces: Sequence[FaceCommand] = ()) -> argparse.ArgumentParser:
     config_option(sh)
     model_option(sh)
 
+    bi = sub.add_parser("bank-index", parents=[common], help="index the bundled corpus's contexts by meaning "
+                                                             "(the file that ships; minutes)",
+                        description="Embed the bundled chit-chat corpus's contexts with the sentence encoder and "
+                                    "write the response bank's meaning index. The project ships it; run this after "
+                                    "a new chitchat-dataset or encoder.")
+    bi.add_argument("--out", default=None, help="where to write it (default: chatbot/data/chitchat-meaning.npz)")
+
     se = sub.add_parser("safety-eval", parents=[common], help="precision, recall and false positives of the output filter",
                         description="Run the output toxicity filter over labelled sentences (JSONL lines with "
                                     "\"text\", \"label\": toxic|benign, \"kind\") and print how much it blocks.")
@@ -540,7 +547,20 @@ def cmd_ssa(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "bench": cmd_bench, "safety-eval": cmd_safety_eval,
+def cmd_bank_index(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from chatbot.response_bank import SHIPPED_INDEX, build_shipped_index
+
+    out = Path(args.out) if args.out else SHIPPED_INDEX
+    started = time.perf_counter()
+    count = build_shipped_index(out)
+    print(f"{count} contexts indexed by meaning in {time.perf_counter() - started:.0f} s: {out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "bank-index": cmd_bank_index, "evaluate": cmd_evaluate, "generate": cmd_generate, "bench": cmd_bench, "safety-eval": cmd_safety_eval,
             "selfchat": cmd_selfchat, "lab": cmd_lab, "ssa": cmd_ssa}
 
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import numpy as np
+
 from .corpus import chitchat_conversations
 from .errors import ChatbotError, CorpusError
 from .generation import GenerationRequest, GenerationResult, final_text
@@ -59,6 +61,9 @@ UNCONDITIONAL_WEIGHT = 1.0
 MEANING_WEIGHT = 6.0
 """How much the cosine of a candidate's and the conversation's sentence embeddings counts
 (`SentenceEncoder`); a cosine's spread among candidates is about a third of the model's scores'."""
+MEANING_FLOOR = 0.5
+"""Where a context's closeness by meaning starts to count as a match (`ResponseBank.search`): a
+cosine of a half is about as close as two unrelated chat lines come."""
 MEANING_TURNS = 3
 """The conversation's newest turns that a candidate's meaning is compared with."""
 ECHO_COSINE = 0.7
@@ -72,20 +77,24 @@ left just above nothing, and the question the person asked two turns ago is not 
 class BankHit:
     reply: str
     similarity: float
-    """Cosine similarity (0-1) of the conversation's newest turns to the context this reply answered."""
+    """How closely the conversation's newest turns matched the context this reply answered, 0 to 1:
+    their cosine (TF-IDF), or by meaning how far the embeddings' cosine passes `MEANING_FLOOR`."""
 
 
 class ResponseBank:
     """(context, reply) pairs, searched by the words of a conversation's newest turns."""
 
-    def __init__(self, pairs: Sequence[tuple[str, str]], name: str = "bank") -> None:
+    def __init__(self, pairs: Sequence[tuple[str, str]], name: str = "bank", meaning: Any = None) -> None:
         from sklearn.feature_extraction.text import TfidfVectorizer
 
-        cleaned = [(_clean(c), _clean(r)) for c, r in pairs]
-        cleaned = [(c, r) for c, r in cleaned if c and r]
+        cleaned = _cleaned(pairs)
         if not cleaned:
             raise ChatbotError(f"response bank {name}: no (context, reply) pairs with text")
+        if meaning is not None and len(meaning) != len(cleaned):
+            raise ChatbotError(f"response bank {name}: a meaning index of {len(meaning)} rows for {len(cleaned)} pairs")
         self.name = name
+        self.meaning = meaning
+        """The contexts' `MeaningIndex` (searched by meaning), or None (searched by words only)."""
         self.contexts = [c for c, _ in cleaned]
         self.replies = [r for _, r in cleaned]
         # Word pairs catch "do you like ..." questions; terms seen once are noise in a bank this size.
@@ -101,18 +110,23 @@ class ResponseBank:
         return len(self.replies)
 
     @classmethod
-    def load(cls, sources: str | Path | Sequence[str | Path], *, cache: Path | None = None) -> ResponseBank:
+    def load(cls, sources: str | Path | Sequence[str | Path], *, cache: Path | None = None,
+             encoder: Any = None) -> ResponseBank:
         """One bank of every source's pairs: ``chitchat`` (the bundled corpus) or a JSON lines file of
         ``{"context", "reply"}`` objects. An operator's file beside the corpus is how FAQ answers
-        win where they fit and stay out where they do not.
+        win where they fit and stay out where they do not. With a `SentenceEncoder`, the contexts
+        are indexed by meaning too (`MeaningIndex`; the bundled corpus's index ships with the project).
 
-        Indexing the bundled corpus takes seconds, so a built bank is kept in ``cache`` (default: the
-        user's cache folder, `cache_folder`) and read from there next time, for as long as its
-        sources, this module's rules and scikit-learn's version stay the same.
+        Indexing takes seconds (an operator's file by meaning, about 300 contexts a second), so a
+        built bank is kept in ``cache`` (default: the user's cache folder, `cache_folder`) and read
+        from there next time, for as long as its sources, the encoder, this module's rules and
+        scikit-learn's version stay the same.
         """
         names = check_sources(sources)
+        # The bundled corpus first: its shipped index is then the start of the bank's.
+        names = sorted(names, key=lambda n: n != BUNDLED_BANK)
         folder = cache_folder() if cache is None else cache
-        kept = folder / f"bank-{_identity(names)}.pickle" if folder is not None else None
+        kept = folder / f"bank-{_identity(names, encoder)}.pickle" if folder is not None else None
         if kept is not None and kept.is_file():
             try:
                 with kept.open("rb") as f:
@@ -122,29 +136,37 @@ class ResponseBank:
                     return bank
             except Exception as err:  # a damaged or foreign file: built again and replaced
                 log.warning("response bank cache %s unreadable (%s); building it again", kept, err)
-        pairs: list[tuple[str, str]] = []
-        for name in names:
-            pairs.extend(_chitchat_pairs() if name == BUNDLED_BANK else _file_pairs(Path(name)))
-        bank = cls(pairs, " + ".join(names))
+        parts = [_cleaned(_chitchat_pairs() if name == BUNDLED_BANK else _file_pairs(Path(name))) for name in names]
+        pairs = [pair for part in parts for pair in part]
+        meaning = _meaning_index(names, parts, encoder) if encoder is not None and pairs else None
+        bank = cls(pairs, " + ".join(names), meaning)
         if kept is not None:
             _keep(bank, kept)
         return bank
 
-    def search(self, turns: Sequence[str], k: int = 30) -> list[BankHit]:
+    def search(self, turns: Sequence[str], k: int = 30, encoder: Any = None) -> list[BankHit]:
         """The replies to the ``k`` contexts most like the newest of ``turns`` (the one before counts
-        `PREVIOUS_TURN_WEIGHT`), best first, each reply once."""
-        turns = [t for t in turns if t and t.strip()]
+        `PREVIOUS_TURN_WEIGHT`), best first, each reply once: by meaning when the bank has a
+        `MeaningIndex` and ``encoder`` is the `SentenceEncoder` that made it, else by words."""
+        turns = [_clean(t) for t in turns if t and t.strip()][-2:]
         if not turns or k < 1:
             return []
-        sims = self._matrix @ self._vectorizer.transform([_clean(turns[-1])]).T
-        if len(turns) > 1:
-            sims = sims + PREVIOUS_TURN_WEIGHT * (self._matrix @ self._vectorizer.transform([_clean(turns[-2])]).T)
-        scores = sims.toarray().ravel()
+        weights = [PREVIOUS_TURN_WEIGHT, 1.0][-len(turns):]
+        by_meaning = encoder is not None and self.meaning is not None and encoder.name == self.meaning.encoder
+        if by_meaning:
+            scores = self.meaning.search(encoder.embed(turns), weights)
+        else:
+            scores = sum(w * (self._matrix @ self._vectorizer.transform([t]).T).toarray().ravel()
+                         for w, t in zip(weights, turns))
         found: dict[str, float] = {}
-        for i in scores.argsort()[::-1][: 2 * k]:
-            if scores[i] <= 0 or len(found) == k:
-                break
-            found.setdefault(self.replies[i], float(scores[i]))
+        for i in np.argsort(-scores, kind="stable")[: 2 * k]:
+            if len(found) == k or (not by_meaning and scores[i] <= 0):
+                break  # by words, a context with none of them is no match at all
+            # By meaning every context is somewhat close; only what passes the floor is a match,
+            # and the same context again is 1, as by words.
+            similarity = (max(0.0, (float(scores[i]) / sum(weights) - MEANING_FLOOR) / (1 - MEANING_FLOOR))
+                          if by_meaning else float(scores[i]))
+            found.setdefault(self.replies[i], similarity)
         return [BankHit(reply, sim) for reply, sim in found.items()]
 
 
@@ -209,7 +231,7 @@ class BankedGenerator:
                                     own.seconds + time.perf_counter() - started)
         texts: list[str] = []
         sims: list[float] = []
-        for hit in self.bank.search([text for _, text in request.context], self.candidates):
+        for hit in self.bank.search([text for _, text in request.context], self.candidates, self.encoder):
             if _key(hit.reply) in said or self.count_tokens(hit.reply) > limit or _stopped(hit.reply, request):
                 continue
             if style is not None and not style.allows(hit.reply):
@@ -262,9 +284,11 @@ def check_sources(sources: str | Path | Sequence[str | Path]) -> list[str]:
     return names
 
 
+SHIPPED_INDEX = Path(__file__).parent / "data" / "chitchat-meaning.npz"
+"""The bundled corpus's contexts indexed by meaning (`bot.py bank-index` makes it)."""
 KEPT_BANKS = 3
 """Built banks kept in the cache folder at most; the least recently used go first."""
-BANK_RULES = 1
+BANK_RULES = 2
 """Changes when what goes into a bank, or how it is indexed, changes: older cached banks are then rebuilt."""
 
 
@@ -277,11 +301,16 @@ def cache_folder() -> Path | None:
     return Path(base) / "gpt2-chatbot"
 
 
-def _identity(names: Sequence[str]) -> str:
-    """A name for a bank's exact inputs: its source files (path, size, time), the rules, scikit-learn."""
+def _identity(names: Sequence[str], encoder: Any = None) -> str:
+    """A name for a bank's exact inputs: its source files (path, size, time), the rules, scikit-learn,
+    and the encoder and the shipped meaning index when it is indexed by meaning."""
     import sklearn
 
     parts = [str(BANK_RULES), str(MAX_REPLY_WORDS), sklearn.__version__]
+    if encoder is not None:
+        parts.append(f"encoder {encoder.name}")
+        if SHIPPED_INDEX.is_file():
+            parts.append(f"{SHIPPED_INDEX}|{SHIPPED_INDEX.stat().st_size}|{SHIPPED_INDEX.stat().st_mtime_ns}")
     for name in names:
         if name == BUNDLED_BANK:
             import chitchat_dataset
@@ -292,6 +321,30 @@ def _identity(names: Sequence[str]) -> str:
         stat = where.stat()
         parts.append(f"{where}|{stat.st_size}|{stat.st_mtime_ns}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+def _meaning_index(names: Sequence[str], parts: Sequence[list[tuple[str, str]]], encoder: Any) -> Any:
+    """The `MeaningIndex` of every part's contexts, in order: the shipped one for the bundled
+    corpus when it was made from these very contexts by this encoder, the rest embedded now."""
+    from .sentence_encoder import MeaningIndex, fingerprint
+
+    index = None
+    todo = list(zip(names, parts))
+    if todo and todo[0][0] == BUNDLED_BANK and SHIPPED_INDEX.is_file():
+        shipped, made_from = MeaningIndex.read(SHIPPED_INDEX)
+        if shipped.encoder == encoder.name and made_from == fingerprint([c for c, _ in todo[0][1]]):
+            index, todo = shipped, todo[1:]
+        else:
+            log.warning("the shipped meaning index (%s) was made from other contexts or by another encoder; "
+                        "embedding the bundled corpus instead (minutes; kept in the cache folder after)",
+                        SHIPPED_INDEX)
+    contexts = [c for _, part in todo for c, _ in part]
+    if contexts:
+        started = time.perf_counter()
+        vectors = encoder.embed(contexts, progress=len(contexts) > 5000)
+        log.info("response bank: %d contexts embedded in %.1f s", len(contexts), time.perf_counter() - started)
+        index = MeaningIndex.fit(encoder.name, vectors) if index is None else index.extended(vectors)
+    return index
 
 
 def _keep(bank: ResponseBank, path: Path) -> None:
@@ -391,6 +444,12 @@ def _clean(text: Any) -> str:
     return _SPACE.sub(" ", str(text)).strip()
 
 
+def _cleaned(pairs: Sequence[tuple[Any, Any]]) -> list[tuple[str, str]]:
+    """``pairs`` with their spaces made single, those without a context or a reply left out."""
+    cleaned = [(_clean(c), _clean(r)) for c, r in pairs]
+    return [(c, r) for c, r in cleaned if c and r]
+
+
 def _file_pairs(path: Path) -> list[tuple[str, str]]:
     """The (context, reply) pairs of an operator's JSON lines file; a bad line is an error naming it."""
     pairs = []
@@ -421,13 +480,28 @@ def _chitchat_pairs() -> list[tuple[str, str]]:
     return pairs
 
 
+def build_shipped_index(out: Path = SHIPPED_INDEX, encoder: str = "all-MiniLM-L6-v2") -> int:
+    """Embed the bundled corpus's contexts and write their `MeaningIndex` to ``out`` (what
+    `bot.py bank-index` does; minutes on two cores). Returns how many contexts it holds."""
+    from .sentence_encoder import MeaningIndex, fingerprint, load_encoder
+
+    if not out.parent.is_dir():
+        raise ChatbotError(f"{out.parent}: no such folder")
+    model = load_encoder(encoder)
+    contexts = [c for c, _ in _cleaned(_chitchat_pairs())]
+    index = MeaningIndex.fit(model.name, model.embed(contexts, progress=True))
+    index.save(out, fingerprint(contexts))
+    return len(index)
+
+
 def banked(generator: Any, sources: Sequence[str], candidates: int, encoder: str | None = None) -> BankedGenerator:
     """``generator`` answering with the bank of ``sources`` as well (`ResponseBank.load`), its
     candidates' meanings compared by the sentence ``encoder`` (`load_encoder`) unless it is empty."""
     from .sentence_encoder import load_encoder
 
     started = time.perf_counter()
-    bank = ResponseBank.load(sources)
+    meaning = load_encoder(encoder) if encoder else None
+    bank = ResponseBank.load(sources, encoder=meaning)
     log.info("response bank %s: %d replies, indexed in %.1f s", bank.name, len(bank), time.perf_counter() - started)
-    return BankedGenerator(generator, bank, candidates=candidates, encoder=load_encoder(encoder) if encoder else None)
+    return BankedGenerator(generator, bank, candidates=candidates, encoder=meaning)
 

@@ -549,16 +549,16 @@ def load_generators(plan: LabPlan, *, device: str = "auto", allow_download: bool
         generator = models[source]
         bank = plan.banks.get(label, ())
         if bank:
-            if bank not in banks:
-                try:
-                    banks[bank] = ResponseBank.load(bank)
-                except ChatbotError as err:
-                    raise ChatbotError(f"{plan.path}: `grid.response_banks`: {err}") from None
             encoder = plan.settings.sentence_encoder
             try:
                 encoder = load_encoder(encoder) if encoder else None
             except ChatbotError as err:
                 raise ChatbotError(f"{plan.path}: `sentence_encoder`: {err}") from None
+            if bank not in banks:
+                try:
+                    banks[bank] = ResponseBank.load(bank, encoder=encoder)
+                except ChatbotError as err:
+                    raise ChatbotError(f"{plan.path}: `grid.response_banks`: {err}") from None
             generator = BankedGenerator(generator, banks[bank], candidates=plan.settings.bank_candidates,
                                         encoder=encoder)
         _check_against_model(plan, label, generator)

@@ -1,11 +1,15 @@
 """Sentence embeddings in the response bank's choice: the bundled all-MiniLM-L6-v2, for real."""
 
+import json
+import pickle
+
+import numpy as np
 import pytest
 
 from chatbot.config import Settings
 from chatbot.errors import ChatbotError
 from chatbot.response_bank import BankedGenerator, ResponseBank, meaning_scores
-from chatbot.sentence_encoder import BUNDLED_ENCODER, check_encoder, load_encoder
+from chatbot.sentence_encoder import BUNDLED_ENCODER, MeaningIndex, check_encoder, fingerprint, load_encoder
 from tests.unit.test_response_bank import PAIRS, request
 
 
@@ -65,3 +69,49 @@ def test_the_engine_checks_the_encoder_before_loading_the_model(tmp_path):
 
     with pytest.raises(ChatbotError, match="sentence encoder .*nope"):
         load_generator(Settings(model=str(tmp_path / "no-model"), sentence_encoder=str(tmp_path / "nope")))
+
+
+def test_an_operators_bank_is_searched_by_meaning_and_kept_with_its_index(tmp_path, encoder):
+    faq = tmp_path / "faq.jsonl"
+    faq.write_text("".join(json.dumps({"context": c, "reply": r}) + "\n" for c, r in [
+        ("who made you?", "the mods did"), ("server rules?", "be kind and no spam"),
+        ("when is movie night?", "fridays at 8pm")]), encoding="utf-8")
+    cache = tmp_path / "cache"
+    bank = ResponseBank.load(faq, cache=cache, encoder=encoder)
+    assert bank.meaning is not None and len(bank.meaning) == len(bank) == 3
+    # No word in common with "who made you?", so the words find nothing; the meaning does.
+    assert bank.search(["tell me your creator"], k=3) == []
+    hits = bank.search(["tell me your creator"], k=3, encoder=encoder)
+    assert hits[0].reply == "the mods did" and hits[0].similarity > 0
+    assert bank.search(["any film evenings planned?"], k=1, encoder=encoder)[0].reply == "fridays at 8pm"
+    kept = ResponseBank.load(faq, cache=cache, encoder=encoder)  # from the cache: the same index
+    assert np.array_equal(kept.meaning.codes, bank.meaning.codes)
+    assert ResponseBank.load(faq, cache=cache).meaning is None  # without an encoder: another bank
+    assert len(list(cache.glob("bank-*.pickle"))) == 2
+
+
+def test_a_meaning_index_keeps_the_nearest_rows_in_a_fraction_of_the_bytes():
+    rng = np.random.default_rng(0)
+    # Vectors that vary mostly along a few directions, as sentence embeddings do.
+    vectors = rng.normal(size=(3000, 8)) @ rng.normal(size=(8, 64)) + 0.05 * rng.normal(size=(3000, 64))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    index = MeaningIndex.fit("test", vectors, dimensions=16)
+    assert index.codes.shape == (3000, 16) and index.codes.dtype == np.int8
+    queries = vectors[:20]
+    for n, query in enumerate(queries):
+        assert int(np.argmax(index.search(query[None], [1.0]))) == n
+    more = index.extended(vectors[:5])
+    assert len(more) == 3005 and np.array_equal(more.codes[3000:], index.codes[:5])
+    restored = pickle.loads(pickle.dumps(index))
+    assert restored._rows is None and np.allclose(restored.search(queries[:1], [1.0]), index.search(queries[:1], [1.0]))
+    small = MeaningIndex.fit("test", vectors[:10], dimensions=16)  # too few rows for main axes: all kept
+    assert small.codes.shape == (10, 64)
+
+
+def test_the_shipped_index_is_of_the_installed_corpus():
+    from chatbot.response_bank import SHIPPED_INDEX, _chitchat_pairs, _cleaned
+
+    index, made_from = MeaningIndex.read(SHIPPED_INDEX)
+    contexts = [c for c, _ in _cleaned(_chitchat_pairs())]
+    assert index.encoder == BUNDLED_ENCODER and len(index) == len(contexts) > 100_000
+    assert made_from == fingerprint(contexts)
