@@ -19,6 +19,8 @@ __all__ = ["recall", "second_person"]
 
 _WORD = re.compile(r"[a-z0-9']+")
 _CLAUSE = re.compile(r"[.!?;,]+\s*|\s+(?:but|so|because)\s+")
+_ON = re.compile(r"(?:in|at|near|on|from|with|by)\b")
+"""A clause that starts like this goes on with the one before ("i live in canada, in vancouver")."""
 _SELF = {"i", "i'm", "im", "me", "my", "mine", "myself", "i've", "ive", "i'll", "i'd", "am"}
 # Words that carry no fact (question words, fillers, the verbs of asking); "from" and "with"
 # stay out of this list because they ask for a place or a person ("where am i from?").
@@ -40,6 +42,17 @@ _PAST = {"went", "got", "had", "made", "saw", "ran", "took", "came", "bought", "
 _TURN = {"i": "you", "i'm": "you're", "im": "you're", "me": "you", "my": "your", "mine": "yours",
          "myself": "yourself", "i've": "you've", "ive": "you've", "i'll": "you'll", "i'd": "you'd",
          "am": "are", "was": "were"}
+
+
+def _clauses(text: str) -> list[str]:
+    """``text`` cut at its sentence and clause breaks, a place or a detail kept with its clause."""
+    clauses: list[str] = []
+    for part in _CLAUSE.split(text):
+        if clauses and _ON.match(part.strip().lower()) and not set(_words(part)) & _SELF:
+            clauses[-1] = f"{clauses[-1]}, {part.strip()}"
+        else:
+            clauses.append(part)
+    return clauses
 
 
 def second_person(text: str) -> str:
@@ -95,7 +108,7 @@ def recall(turns: Sequence[tuple[str, str]]) -> str | None:
     for role, text in turns[:-1]:
         if role != "user":
             continue
-        for clause in _CLAUSE.split(text):
+        for clause in _clauses(text):
             words = _words(clause)
             if not set(words) & _SELF:
                 continue

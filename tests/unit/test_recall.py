@@ -19,6 +19,9 @@ def said(*turns):
     (said("i'm 16 and in year 11", "busy year!", "how old am i?"), "you told me you're 16."),
     (said("went hiking with my sister emma", "lovely!", "who did i go with?"),
      "you told me you went hiking with your sister emma."),
+    # A place after a comma stays with what it places.
+    (said("i live in canada, in vancouver", "gorgeous!", "about 5 years. which city do i live in?"),
+     "you told me you live in canada, in vancouver."),
 ])
 def test_a_question_about_what_the_person_said_is_answered_from_it(turns, answer):
     assert recall(turns) == answer
