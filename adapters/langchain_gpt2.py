@@ -45,6 +45,7 @@ from chatbot.safety import (
     normalise,
     output_chain,
 )
+from chatbot.sentence_encoder import BUNDLED_ENCODER
 
 __all__ = ["GPT2LLM", "ChatGPT2", "ChatbotMessageHistory"]
 
@@ -320,7 +321,7 @@ class ChatGPT2(_GPT2Mixin, BaseChatModel):
     (`Settings.response_bank`); used with the model this instance loads, not with a ``generator``
     given to it. Empty for the model's replies alone."""
     bank_candidates: int = 30
-    sentence_encoder: str = "all-MiniLM-L6-v2"
+    sentence_encoder: str = BUNDLED_ENCODER
     """Whose sentence embeddings compare the bank's candidates with the conversation
     (`Settings.sentence_encoder`); empty to leave them out."""
 

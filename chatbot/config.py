@@ -31,6 +31,7 @@ from .decoding import PRESETS, DecodingOverrides, DecodingSettings, compose
 from .errors import ChatbotError, read_toml, settings_error_message
 from .memory import MAX_TURN_CHARS
 from .prompting import PROMPTS_DIR
+from .sentence_encoder import BUNDLED_ENCODER
 
 __all__ = ["Settings", "Section", "register_section", "known_sections", "ENV_PREFIX", "DEFAULT_CONFIG_FILE"]
 
@@ -209,7 +210,7 @@ class Settings(BaseModel):
     files of ``{"context": ..., "reply": ...}`` pairs; empty for the model's replies alone."""
     bank_candidates: int = Field(30, ge=1, le=500)
     """Bank replies scored for each message when `response_bank` is set."""
-    sentence_encoder: str = "all-MiniLM-L6-v2"
+    sentence_encoder: str = BUNDLED_ENCODER
     """The sentence-transformers model whose embeddings say how close each bank candidate's meaning is
     to the conversation (`chatbot/sentence_encoder.py`): ``all-MiniLM-L6-v2`` (bundled), a model
     folder, or empty to leave meaning out of the choice."""

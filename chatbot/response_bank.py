@@ -158,8 +158,10 @@ class ResponseBank:
         else:
             scores = sum(w * (self._matrix @ self._vectorizer.transform([t]).T).toarray().ravel()
                          for w, t in zip(weights, turns))
+        # The best 2k, then only those sorted: a full sort of the corpus costs more than the search.
+        best = np.argpartition(-scores, 2 * k)[: 2 * k] if len(scores) > 2 * k else np.arange(len(scores))
         found: dict[str, float] = {}
-        for i in np.argsort(-scores, kind="stable")[: 2 * k]:
+        for i in best[np.argsort(-scores[best], kind="stable")]:
             if len(found) == k or (not by_meaning and scores[i] <= 0):
                 break  # by words, a context with none of them is no match at all
             # By meaning every context is somewhat close; only what passes the floor is a match,
@@ -480,14 +482,15 @@ def _chitchat_pairs() -> list[tuple[str, str]]:
     return pairs
 
 
-def build_shipped_index(out: Path = SHIPPED_INDEX, encoder: str = "all-MiniLM-L6-v2") -> int:
-    """Embed the bundled corpus's contexts and write their `MeaningIndex` to ``out`` (what
-    `bot.py bank-index` does; minutes on two cores). Returns how many contexts it holds."""
-    from .sentence_encoder import MeaningIndex, fingerprint, load_encoder
+def build_shipped_index(out: Path = SHIPPED_INDEX, encoder: str | None = None) -> int:
+    """Embed the bundled corpus's contexts with ``encoder`` (default: the bundled one) and write
+    their `MeaningIndex` to ``out`` (what `bot.py bank-index` does; minutes on two cores).
+    Returns how many contexts it holds."""
+    from .sentence_encoder import BUNDLED_ENCODER, MeaningIndex, fingerprint, load_encoder
 
     if not out.parent.is_dir():
         raise ChatbotError(f"{out.parent}: no such folder")
-    model = load_encoder(encoder)
+    model = load_encoder(encoder or BUNDLED_ENCODER)
     contexts = [c for c, _ in _cleaned(_chitchat_pairs())]
     index = MeaningIndex.fit(model.name, model.embed(contexts, progress=True))
     index.save(out, fingerprint(contexts))

@@ -61,9 +61,7 @@ class SentenceEncoder:
         """The cosine (-1 to 1) of each of ``texts``' embeddings with each of ``others``': one row per text."""
         if not texts or not others:
             return [[] for _ in texts]
-        with self._lock:
-            vectors = self._model.encode([*texts, *others], normalize_embeddings=True, convert_to_tensor=True,
-                                         show_progress_bar=False).float()
+        vectors = self.embed([*texts, *others])  # one batch
         return (vectors[: len(texts)] @ vectors[len(texts):].T).tolist()
 
     def similarities(self, text: str, others: Sequence[str]) -> list[float]:
@@ -143,7 +141,7 @@ class MeaningIndex:
             axes = np.linalg.svd(sample, full_matrices=False)[2][:dimensions].T
         projected = vectors @ axes
         # One scale per axis: its largest coordinate becomes 127.
-        scale = np.maximum(np.abs(projected).max(axis=0) if len(vectors) else 1.0, 1e-6) / 127
+        scale = np.maximum(np.abs(projected).max(axis=0), 1e-6) / 127
         return cls(encoder, axes, scale, cls._quantise(projected, scale))
 
     def extended(self, vectors: np.ndarray) -> MeaningIndex:
