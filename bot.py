@@ -3,9 +3,10 @@ evaluation, the tools), plus each face's."""
 
 from adapters.cli import main as cli_main
 from adapters.discord_cli import COMMAND as DISCORD
+from adapters.http_cli import COMMAND as SERVE
 from adapters.terminal import COMMAND as CHAT
 
-FACES = (CHAT, DISCORD)
+FACES = (CHAT, DISCORD, SERVE)
 """Faces that add a command; a new face adds its `FaceCommand` here."""
 
 

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -25,16 +25,16 @@ from typing import Any, TypeVar
 from .config import Settings
 from .conversation import Turn, check_conversation_id
 from .decoding import get_preset
-from .errors import ChatbotError, EngineBusy, GenerationFailed
+from .errors import ChatbotError, EngineBusy, GenerationFailed, InputRejected
 from .exchange import ExchangePlan, Exchanges, Reply, StepClock
-from .generation import Generator
+from .generation import GenerationRequest, Generator, prompt_budget
 from .memory import MemoryStore, open_store
 from .personas import PersonaBook
 from .prompting import Persona, get_persona
 from .reply_policy import Outcome, RepeatCheck, ReplyPolicy
 from .safety import FilterContext, OutputFilter, ToxicityFilter, output_chain
 
-__all__ = ["ChatEngine", "Reply", "ReplyStream", "iterate_in_thread", "load_generator"]
+__all__ = ["ChatEngine", "Reply", "ReplyStream", "check_stops", "iterate_in_thread", "load_generator"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -241,22 +241,25 @@ class ChatEngine:
     # ------------------------------------------------------------------ replying
 
     async def respond(self, conversation_id: str, author: str, text: str, *, persona: str | None = None,
-                      preset: str | None = None, decoding: Any = None, author_key: str | None = None) -> Reply:
+                      preset: str | None = None, decoding: Any = None, author_key: str | None = None,
+                      stop: Sequence[str] = ()) -> Reply:
         """Store the user's message, generate the bot's reply, check it, store it and return it.
 
         ``author`` is the name the prompt shows. ``author_key`` is who the person is, stably
         (``discord:user:42``), for `forget_author` and `export_author`; without one the
         author name is the key, which is enough only where names are unique and never change.
         ``persona``, ``preset`` and ``decoding`` (a `DecodingOverrides` or dict) apply to
-        this reply only. Raises `InputRejected` for a message the engine will not take
+        this reply only, and so do ``stop`` strings beside the prompt format's own (the reply
+        ends before the first). Raises `InputRejected` for a message the engine will not take
         (nothing is stored), `EngineBusy` when the conversation's queue is full, and
         `GenerationFailed` when the model fails (the user's turn stays stored). An abusive
         message is answered with `Settings.refusal_reply` (``reply.refused``) and not stored.
         """
         clock = StepClock()
         text = self._check_message(conversation_id, author, text, author_key)
+        stop = check_stops(stop)
         async with self._exchange(conversation_id, author, author_key, text, persona, preset, decoding,
-                                  clock) as plan:
+                                  clock, stop) as plan:
             if isinstance(plan, Reply):
                 return plan
             outcome = await self._generate_checked(plan)
@@ -264,8 +267,9 @@ class ChatEngine:
             return await self.steps.finish(plan, clock, outcome)
 
     def stream(self, conversation_id: str, author: str, text: str, *, persona: str | None = None,
-               preset: str | None = None, decoding: Any = None, author_key: str | None = None) -> ReplyStream:
-        """Like `respond` (same arguments, ``author_key`` included), but the reply arrives in pieces:
+               preset: str | None = None, decoding: Any = None, author_key: str | None = None,
+               stop: Sequence[str] = ()) -> ReplyStream:
+        """Like `respond` (same arguments, ``author_key`` and ``stop`` included), but the reply arrives in pieces:
         ``async for piece in engine.stream(...)``.
 
         Text is released a sentence at a time, each one checked by the output filters
@@ -273,15 +277,17 @@ class ChatEngine:
         there; if nothing was shown yet, the reply is generated again (as `respond` does).
         """
         return ReplyStream(self, conversation_id, author, text,
-                           {"persona": persona, "preset": preset, "decoding": decoding, "author_key": author_key})
+                           {"persona": persona, "preset": preset, "decoding": decoding, "author_key": author_key,
+                            "stop": stop})
 
     async def _stream(self, holder: ReplyStream, conversation_id: str, author: str, text: str, *,
                       persona: str | None, preset: str | None, decoding: Any,
-                      author_key: str | None) -> AsyncIterator[str]:
+                      author_key: str | None, stop: Sequence[str]) -> AsyncIterator[str]:
         clock = StepClock()
         text = self._check_message(conversation_id, author, text, author_key)
+        stop = check_stops(stop)
         async with self._exchange(conversation_id, author, author_key, text, persona, preset, decoding,
-                                  clock) as plan:
+                                  clock, stop) as plan:
             if isinstance(plan, Reply):
                 holder.reply = plan
                 yield plan.text
@@ -307,6 +313,54 @@ class ChatEngine:
             clock.mark("generate")
             holder.reply = await self.steps.finish(plan, clock, outcome)
 
+    # ------------------------------------------------------------------ plain text, no memory
+
+    async def complete(self, prompt: str, *, preset: str | None = None, decoding: Any = None,
+                       stop: Sequence[str] = ()) -> Outcome:
+        """The model's continuation of ``prompt`` as it is (no persona, no memory, nothing stored),
+        checked by the output filters as replies are (an unsafe one is generated again; `Outcome`
+        ``unsafe`` with no text when every try was). Decoding: ``preset`` (default: the settings',
+        else the default persona's), then the settings' table, then ``decoding``."""
+        request = self._completion(prompt, preset, decoding, stop)
+        context = FilterContext("completion")
+        try:
+            return (await self._in_worker(self.policy.whole, self.generator, [request], [context], [None]))[0]
+        except asyncio.CancelledError:
+            request.cancel.set()  # type: ignore[union-attr]
+            raise
+        except ChatbotError:
+            raise
+        except Exception as err:
+            raise _failed("completion", err) from err
+
+    async def complete_stream(self, prompt: str, *, preset: str | None = None, decoding: Any = None,
+                              stop: Sequence[str] = ()) -> AsyncIterator[str]:
+        """`complete`, in pieces as they are generated: a checked sentence at a time, as `stream`."""
+        request = self._completion(prompt, preset, decoding, stop)
+        gated = self.policy.gated(self.generator, request, FilterContext("completion"))
+        try:
+            async for piece in iterate_in_thread(gated.pieces, self._executor, on_stop=gated.stop):
+                yield piece
+        except ChatbotError:
+            raise
+        except Exception as err:
+            raise _failed("completion", err) from err
+
+    def _completion(self, prompt: str, preset: str | None, decoding: Any, stop: Sequence[str]) -> GenerationRequest:
+        if self._closed:
+            raise ChatbotError("the engine is closed")
+        if not isinstance(prompt, str) or not prompt:
+            raise InputRejected("the prompt is empty")
+        persona = self.default_persona
+        settings = self.book.decoding(persona, preset or self.settings.preset or persona.preset, decoding)
+        tokens = self.generator.count_tokens(prompt)
+        budget = prompt_budget(self.generator.context_size, settings)
+        if tokens > budget:
+            raise InputRejected(f"the prompt is {tokens:,} tokens long; with max_new_tokens {settings.max_new_tokens} "
+                                f"the model's context of {self.generator.context_size} leaves room for {budget:,}")
+        return GenerationRequest(prompt, settings, check_stops(stop), trim_to_sentence=False,
+                                 cancel=threading.Event())
+
     # ------------------------------------------------------------------ the steps
 
     async def _generate_checked(self, plan: ExchangePlan) -> Outcome:
@@ -328,7 +382,7 @@ class ChatEngine:
     @asynccontextmanager
     async def _exchange(self, conversation_id: str, author: str, author_key: str | None, text: str,
                         persona: str | None, preset: str | None, decoding: Any,
-                        clock: StepClock) -> AsyncIterator[ExchangePlan | Reply]:
+                        clock: StepClock, stop: tuple[str, ...] = ()) -> AsyncIterator[ExchangePlan | Reply]:
         """Wait for the conversation (messages keep their order), then either refuse an abusive
         message (a `Reply`, nothing stored) or store the user turn and plan the prompt.
 
@@ -343,7 +397,8 @@ class ChatEngine:
                 refused = await self.steps.refusal(conversation_id, text, persona, preset, decoding)
                 if refused is not None:
                     return refused
-                return await self.steps.plan(conversation_id, author, author_key, text, persona, preset, decoding)
+                return await self.steps.plan(conversation_id, author, author_key, text, persona, preset, decoding,
+                                             stop)
 
             plan = await _finish_before_cancel(take())
             if isinstance(plan, Reply):
@@ -368,6 +423,19 @@ class ChatEngine:
         except RuntimeError:  # the executor is shut down
             raise ChatbotError("the engine is closed") from None
         return await future
+
+MAX_STOPS = 4
+"""Stop strings one call may add (OpenAI's API takes up to four)."""
+
+
+def check_stops(stop: Any) -> tuple[str, ...]:
+    """A call's stop strings, checked: one string or a list of up to `MAX_STOPS` non-empty ones."""
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if len(stops) > MAX_STOPS or not all(isinstance(s, str) and s and len(s) <= 200 for s in stops):
+        raise InputRejected(f"`stop` must be a string or a list of at most {MAX_STOPS} non-empty strings "
+                            "of 200 characters at most")
+    return stops
+
 
 def load_generator(settings: Settings) -> Generator:
     """The generator ``settings`` ask for: the model on its device, its replies decoded together

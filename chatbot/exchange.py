@@ -169,8 +169,9 @@ class Exchanges:
                      settings=settings, safety=tuple(f"input {r}" for r in verdict.reasons), refused=True)
 
     async def plan(self, conversation_id: str, author: str, author_key: str | None, text: str,
-                   persona: str | None, preset: str | None, decoding: Any) -> ExchangePlan:
-        """Everything up to the generator: choices checked first, then the user turn stored, then the window."""
+                   persona: str | None, preset: str | None, decoding: Any, stop: tuple[str, ...] = ()) -> ExchangePlan:
+        """Everything up to the generator: choices checked first, then the user turn stored, then the
+        window; ``stop``, the caller's stop strings, end the reply as the format's own do."""
         await self._maybe_expire()
         options = await self.store.get_options(conversation_id)
         chosen, preset_name = self.book.resolve(options, persona, preset)
@@ -194,7 +195,7 @@ class Exchanges:
             log.info("%s: window dropped %d turns", conversation_id, len(window.dropped))
         # The user's seed makes the conversation reproducible; each reply samples with a seed of its own.
         request = GenerationRequest(planned.prompt, seeded_for(settings, conversation_id, total),
-                                    planned.stop_strings, planned.bot_texts, cancel=threading.Event(),
+                                    (*planned.stop_strings, *stop), planned.bot_texts, cancel=threading.Event(),
                                     context=planned.said, style=chosen.style)
         return ExchangePlan(chosen, settings, request, window, user_turn, window.tokens, recent,
                             tuple(sorted(speakers)))

@@ -438,7 +438,10 @@ class InMemoryStore(StoreBase):
 
     def _set_option(self, conversation_id: str, key: str, value: str | None) -> None:
         if value is None:
-            self._options.get(conversation_id, {}).pop(key, None)
+            options = self._options.get(conversation_id, {})
+            options.pop(key, None)
+            if not options:  # a throwaway conversation leaves nothing behind
+                self._options.pop(conversation_id, None)
         else:
             self._options.setdefault(conversation_id, {})[key] = value
 
