@@ -227,6 +227,10 @@ def test_deadline_and_busy(served):
         assert "request_timeout" in caught.value.message
         # The one place is taken by a slow reply: the next request gets 429 and stores nothing.
         service = server.server.config.app.state.service
+        deadline = time.time() + 10
+        while service.pending:  # the timed-out stream's generator finishes after its client has gone
+            assert time.time() < deadline
+            time.sleep(0.02)
         service.pending = 1
         with pytest.raises(openai.RateLimitError):
             c.chat.completions.create(model="gpt2-chatbot", messages=USER, extra_body={"conversation_id": "api:busy"})
