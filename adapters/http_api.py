@@ -20,6 +20,7 @@ Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -40,10 +41,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adapters.http_metrics import CONTENT_TYPE, Metrics
 from adapters.http_settings import HttpSettings
 from chatbot.config import Settings
+from chatbot.conversation import check_conversation_id
 from chatbot.decoding import get_preset, make_overrides
 from chatbot.engine import ChatEngine, Reply, check_stops
 from chatbot.errors import ChatbotError, EngineBusy, GenerationFailed, InvalidConversationId
-from chatbot.memory import InMemoryStore
+from chatbot.memory import InMemoryStore, check_author_key
 
 __all__ = ["create_app", "Service", "ApiError"]
 
@@ -94,7 +96,7 @@ def _param(loc: tuple[Any, ...]) -> str:
     for p in parts:
         if isinstance(p, int):
             out += f"[{p}]"
-        elif p in ("str", "list[TextPart]", "function-after[_checked()]"):
+        elif p in ("str", "list[TextPart]"):
             continue  # a union member's name, not a field
         else:
             out += f".{p}" if out else str(p)
@@ -344,14 +346,12 @@ def create_app(settings: Settings, *, engine: ChatEngine | None = None,
     otherwise the model loads in the background when the app starts (``load``, default
     `ChatEngine.from_settings`) and `/health` says 503 until it has. The app closes the engine it
     loaded when it stops; one it was given stays its owner's."""
-    from contextlib import asynccontextmanager
-
     http = settings.section(HttpSettings)
     service = Service(settings, http)
     if engine is not None:
         service.attach(engine)
 
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading: asyncio.Task[Any] | None = None
         if service.engine is None:
@@ -375,10 +375,8 @@ def create_app(settings: Settings, *, engine: ChatEngine | None = None,
             service.draining = True
             if loading is not None:
                 loading.cancel()
-                try:
+                with contextlib.suppress(asyncio.CancelledError):
                     await loading
-                except BaseException:
-                    pass
                 if service.engine is not None:
                     await service.engine.close()
             if service.scratch is not None:
@@ -595,7 +593,7 @@ def create_app(settings: Settings, *, engine: ChatEngine | None = None,
             finally:
                 await pieces.aclose()
             tokens = engine.generator.count_tokens(text) if text else 0
-            finish = "stop" if text or not prompt else "content_filter"
+            finish = "stop" if text else "content_filter"  # nothing shown: every try was unsafe
             service.metrics.reply(finish=finish, prompt_tokens=prompt_tokens, reply_tokens=tokens,
                                   seconds=time.perf_counter() - started, first_token=first)
             yield _sse({**head, "choices": [{"index": 0, "text": "", "finish_reason": finish, "logprobs": None}]})
@@ -740,8 +738,6 @@ class _ChatExchange:
                 raise ApiError(400, f"conversation ids starting {STATELESS_SCOPE!r} are the server's own",
                                param="conversation_id")
             try:
-                from chatbot.conversation import check_conversation_id
-
                 check_conversation_id(conversation_id)
             except ChatbotError as err:
                 raise ApiError(400, str(err), param="conversation_id", code="invalid_conversation_id") from None
@@ -789,8 +785,6 @@ class _ChatExchange:
         author_key = f"api:user:{body.user}" if body.user is not None else None
         if author_key is not None:
             try:
-                from chatbot.memory import check_author_key
-
                 check_author_key(author_key)
             except ChatbotError as err:
                 raise ApiError(400, str(err), param="user", code="invalid_value") from None
