@@ -224,7 +224,7 @@ class Service:
     draining: bool = False
     pending: int = 0
     metrics: Metrics = field(default_factory=Metrics)
-    limiter: RateLimiter | None = None
+    limiter: RateLimiter = field(init=False)
 
     def __post_init__(self) -> None:
         self.limiter = RateLimiter(self.http.requests_per_minute)
@@ -259,7 +259,6 @@ class Service:
         return f"key {given}"
 
     def admit(self, client: str) -> None:
-        assert self.limiter is not None
         wait = self.limiter.wait(client)
         if wait:
             self.metrics.rejected.labels("rate").inc()
@@ -524,16 +523,8 @@ def create_app(settings: Settings, *, engine: ChatEngine | None = None,
                         "conversation_id": exchange.conversation_id, "chatbot": _about(reply)})
             if exchange.include_usage:
                 yield _sse({**head, "choices": [], "usage": _usage(reply.prompt_tokens, reply.reply_tokens)})
-        except TimeoutError:
-            service.metrics.rejected.labels("deadline").inc()
-            yield _sse(_deadline_error().body())
-        except ApiError as err:
-            yield _sse(err.body())
-        except ChatbotError as err:
-            yield _sse(from_engine_error(err).body())
         except Exception as err:  # the stream has begun: the client learns of it in the stream
-            log.exception("a streamed reply failed")
-            yield _sse(ApiError(500, f"the reply failed ({type(err).__name__})", type="server_error").body())
+            yield _sse(stream_error(err, service).body())
         finally:
             service.pending -= 1
         yield DONE
@@ -599,14 +590,8 @@ def create_app(settings: Settings, *, engine: ChatEngine | None = None,
             yield _sse({**head, "choices": [{"index": 0, "text": "", "finish_reason": finish, "logprobs": None}]})
             if body.stream_options is not None and body.stream_options.include_usage:
                 yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, tokens)})
-        except TimeoutError:
-            service.metrics.rejected.labels("deadline").inc()
-            yield _sse(_deadline_error().body())
-        except ChatbotError as err:
-            yield _sse(from_engine_error(err).body())
-        except Exception as err:
-            log.exception("a streamed completion failed")
-            yield _sse(ApiError(500, f"the completion failed ({type(err).__name__})", type="server_error").body())
+        except Exception as err:  # the stream has begun: the client learns of it in the stream
+            yield _sse(stream_error(err, service).body())
         finally:
             service.pending -= 1
         yield DONE
@@ -635,6 +620,19 @@ def _client(request: Request) -> str:
 
 
 Client = Annotated[str, Depends(_client)]
+
+
+def stream_error(err: Exception, service: Service) -> ApiError:
+    """What a stream that failed after it began tells its client, in its last event before ``[DONE]``."""
+    if isinstance(err, TimeoutError):
+        service.metrics.rejected.labels("deadline").inc()
+        return _deadline_error()
+    if isinstance(err, ApiError):
+        return err
+    if isinstance(err, ChatbotError):
+        return from_engine_error(err)
+    log.error("a streamed reply failed", exc_info=err)
+    return ApiError(500, f"the reply failed ({type(err).__name__})", type="server_error")
 
 
 def _model_card(name: str) -> dict[str, Any]:

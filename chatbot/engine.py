@@ -321,17 +321,7 @@ class ChatEngine:
         checked by the output filters as replies are (an unsafe one is generated again; `Outcome`
         ``unsafe`` with no text when every try was). Decoding: ``preset`` (default: the settings',
         else the default persona's), then the settings' table, then ``decoding``."""
-        request = self._completion(prompt, preset, decoding, stop)
-        context = FilterContext("completion")
-        try:
-            return (await self._in_worker(self.policy.whole, self.generator, [request], [context], [None]))[0]
-        except asyncio.CancelledError:
-            request.cancel.set()  # type: ignore[union-attr]
-            raise
-        except ChatbotError:
-            raise
-        except Exception as err:
-            raise _failed("completion", err) from err
+        return await self._checked(self._completion(prompt, preset, decoding, stop), FilterContext("completion"), None)
 
     async def complete_stream(self, prompt: str, *, preset: str | None = None, decoding: Any = None,
                               stop: Sequence[str] = ()) -> AsyncIterator[str]:
@@ -365,19 +355,23 @@ class ChatEngine:
 
     async def _generate_checked(self, plan: ExchangePlan) -> Outcome:
         """The reply policy's whole reply (`ReplyPolicy.whole`) for this plan, on the model's worker."""
-        context = FilterContext(plan.user_turn.conversation_id, plan.speakers)
-        repeat = RepeatCheck(plan.recent_replies, plan.settings)
+        return await self._checked(plan.request, FilterContext(plan.user_turn.conversation_id, plan.speakers),
+                                   RepeatCheck(plan.recent_replies, plan.settings))
+
+    async def _checked(self, request: GenerationRequest, context: FilterContext, repeat: RepeatCheck | None) -> Outcome:
+        """`ReplyPolicy.whole` for one request on the model's worker; a failure of the model is a
+        `GenerationFailed` naming where (``context.conversation_id``)."""
         try:
-            return (await self._in_worker(self.policy.whole, self.generator, [plan.request], [context], [repeat]))[0]
+            return (await self._in_worker(self.policy.whole, self.generator, [request], [context], [repeat]))[0]
         except asyncio.CancelledError:
             # Whoever waited has gone (a time limit, a shutdown): free the model for the next reply.
-            if plan.request.cancel is not None:
-                plan.request.cancel.set()
+            if request.cancel is not None:
+                request.cancel.set()
             raise
         except ChatbotError:
             raise
         except Exception as err:
-            raise _failed(plan.user_turn.conversation_id, err) from err
+            raise _failed(context.conversation_id, err) from err
 
     @asynccontextmanager
     async def _exchange(self, conversation_id: str, author: str, author_key: str | None, text: str,
